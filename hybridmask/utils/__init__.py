@@ -1,0 +1,11 @@
+"""Small shared utilities: secure randomness, atomic file writes, input validation, registries."""
+from .rng import make_generator, generator_state, set_generator_state
+from .io import atomic_write, atomic_save, safe_torch_load
+from .validate import check_images, check_freq, HybridMaskInputError
+from .registry import Registry
+
+__all__ = [
+    "make_generator", "generator_state", "set_generator_state",
+    "atomic_write", "atomic_save", "safe_torch_load",
+    "check_images", "check_freq", "HybridMaskInputError", "Registry",
+]

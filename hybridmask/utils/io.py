@@ -1,0 +1,51 @@
+"""Atomic file writes and safe loading.
+
+Nothing half-written is ever left at the destination path: data goes to a temporary file in
+the same directory, is flushed and fsynced, then moved over the target with :func:`os.replace`.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Union
+
+import torch
+
+PathLike = Union[str, os.PathLike]
+
+
+@contextlib.contextmanager
+def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[Any]:
+    """Context manager yielding a file object; the file appears at ``path`` only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save(obj: Any, path: PathLike) -> None:
+    """``torch.save`` that never leaves a partial file behind."""
+    with atomic_write(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def safe_torch_load(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Any:
+    """``torch.load(..., weights_only=True)`` with clear errors for missing or corrupt files."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # corrupt, truncated or not a torch file
+        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
