@@ -1,0 +1,136 @@
+"""Block DCT (BDCT) as used by JPEG, TFace/DCTDP and PPFR-FD.
+
+``BlockDCT(u)``: RGB in [-1, 1] ``(B, 3, H, W)`` -> YCbCr -> optional bilinear upsampling by
+``u`` -> orthonormal 8x8 DCT of every non-overlapping block -> coefficients of the same
+frequency regrouped into channels: ``(B, 192, H*u/8, W*u/8)``, channel ``c*64 + i`` (see
+:mod:`hybridmask.freq.channels`).
+
+The 2-D DCT of a block ``X`` is ``D @ X @ D.T`` with the orthonormal DCT-II basis ``D``; with
+row-major vectorisation this is one product with the fixed 64x64 basis ``kron(D, D)``, which
+is how it is computed here (one GEMM for all blocks of the batch). Because the basis is
+orthonormal, the inverse is the product with its transpose, exact to float rounding.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..utils.validate import HybridMaskInputError, check_freq, check_images
+from .channels import NUM_CHANNELS, NUM_FREQ
+from .color import rgb_to_ycbcr, ycbcr_to_rgb
+
+UPSAMPLE_FACTORS = (1, 2, 4, 8)
+
+
+def dct_matrix(n: int = 8, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Orthonormal DCT-II matrix: ``D[k, i] = a_k cos(pi (2i+1) k / 2n)``."""
+    k = torch.arange(n, dtype=torch.float64).unsqueeze(1)
+    i = torch.arange(n, dtype=torch.float64).unsqueeze(0)
+    d = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
+    d[0] /= math.sqrt(2.0)
+    return d.to(dtype)
+
+
+def block_basis(n: int = 8, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The 2-D basis ``kron(D, D)``: ``vec(D X D^T) = B @ vec(X)`` for row-major ``vec``."""
+    d = dct_matrix(n, torch.float64)
+    return torch.kron(d, d).to(dtype)
+
+
+def block_dct(x: torch.Tensor, basis: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B, C*64, H/8, W/8)`` orthonormal 8x8 block DCT (no colour transform)."""
+    b, c, h, w = x.shape
+    if h % 8 or w % 8:
+        raise HybridMaskInputError(f"block DCT needs height and width divisible by 8, got {h}x{w}")
+    if basis is None:
+        basis = block_basis(8, x.dtype)
+    basis = basis.to(device=x.device, dtype=x.dtype)
+    hb, wb = h // 8, w // 8
+    blocks = x.reshape(b, c, hb, 8, wb, 8).permute(0, 1, 3, 5, 2, 4).reshape(b, c, 64, hb * wb)
+    coeffs = torch.matmul(basis, blocks)
+    return coeffs.reshape(b, c * 64, hb, wb)
+
+
+def block_idct(coeffs: torch.Tensor, basis: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Exact inverse of :func:`block_dct`: ``(B, C*64, h, w)`` -> ``(B, C, 8h, 8w)``."""
+    b, ch, hb, wb = coeffs.shape
+    if ch % 64:
+        raise HybridMaskInputError(f"inverse block DCT needs a multiple of 64 channels, got {ch}")
+    if basis is None:
+        basis = block_basis(8, coeffs.dtype)
+    basis = basis.to(device=coeffs.device, dtype=coeffs.dtype)
+    c = ch // 64
+    blocks = torch.matmul(basis.transpose(0, 1), coeffs.reshape(b, c, 64, hb * wb))
+    return blocks.reshape(b, c, 8, 8, hb, wb).permute(0, 1, 4, 2, 5, 3).reshape(b, c, hb * 8, wb * 8)
+
+
+class BlockDCT(nn.Module):
+    """RGB image -> YCbCr -> (upsample by ``u``) -> 8x8 block DCT, regrouped by frequency.
+
+    Args:
+        u: bilinear upsampling factor in {1, 2, 4, 8}. The grid is ``H*u/8``: 14x14 for u=1
+           (cheapest), 28x28 for u=2, 112x112 for u=8 (the TFace/DCTDP setting).
+
+    ``forward(x)`` takes ``(B, 3, H, W)`` float RGB in [-1, 1] with ``H, W`` divisible by ``8/u``
+    and returns ``(B, 192, H*u/8, W*u/8)``. ``inverse(coeffs, kept=None, size=None)`` maps
+    back to RGB; with ``kept`` (the channel indices the coefficients correspond to) the missing
+    channels are zero-filled. For u=1 the round trip is exact; for u>1 the inverse returns the
+    upsampled image, or, with ``size``, an area-downsampled one (resampling is not invertible).
+    """
+
+    def __init__(self, u: int = 1):
+        super().__init__()
+        if u not in UPSAMPLE_FACTORS:
+            raise ValueError(f"upsample factor u must be one of {UPSAMPLE_FACTORS}, got {u!r}")
+        self.u = int(u)
+        self.register_buffer("basis", block_basis(8, torch.float32), persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"u={self.u}"
+
+    def grid(self, size: int) -> int:
+        """Side of the coefficient grid for an input of side ``size``."""
+        return size * self.u // 8
+
+    def _basis(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.basis
+        if b.dtype != x.dtype or b.device != x.device:
+            b = block_basis(8, x.dtype).to(x.device) if x.dtype == torch.float64 else b.to(x.device, x.dtype)
+        return b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_images(x, "images", channels=3, multiple=8 // self.u)
+        y = rgb_to_ycbcr(x)
+        if self.u > 1:
+            y = F.interpolate(y, scale_factor=self.u, mode="bilinear", align_corners=False)
+        return block_dct(y, self._basis(y))
+
+    def inverse(self, coeffs: torch.Tensor, kept: Optional[Sequence[int]] = None,
+                size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        check_freq(coeffs, name="coefficients")
+        if kept is not None:
+            coeffs = zero_fill(coeffs, kept)
+        elif coeffs.shape[1] != NUM_CHANNELS:
+            raise HybridMaskInputError(
+                f"inverse needs {NUM_CHANNELS} channels or the list of kept channels, got {coeffs.shape[1]} channels")
+        y = block_idct(coeffs, self._basis(coeffs))
+        if size is not None and tuple(y.shape[-2:]) != tuple(size):
+            y = F.interpolate(y, size=tuple(size), mode="area")
+        return ycbcr_to_rgb(y)
+
+
+def zero_fill(coeffs: torch.Tensor, kept: Sequence[int]) -> torch.Tensor:
+    """Place ``(B, len(kept), h, w)`` coefficients at channels ``kept`` of a zero ``(B, 192, h, w)`` tensor."""
+    kept = list(kept)
+    if coeffs.shape[1] != len(kept):
+        raise HybridMaskInputError(f"got {coeffs.shape[1]} channels but {len(kept)} kept channel indices")
+    out = coeffs.new_zeros(coeffs.shape[0], NUM_CHANNELS, *coeffs.shape[-2:])
+    out[:, kept] = coeffs
+    return out
+
+
+__all__ = ["BlockDCT", "block_dct", "block_idct", "dct_matrix", "block_basis", "zero_fill", "NUM_FREQ"]

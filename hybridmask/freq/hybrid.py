@@ -1,0 +1,145 @@
+"""``HybridMask``: BDCT + PPFR-FD + frequency MixUp composed from one config.
+
+>>> hm = HybridMask(u=1, drop="dc", k=4, seed=0)          # seed only in tests
+>>> masked, record = hm(images)          # (B, 189, 14, 14) for 112x112 inputs, k=4 mixes
+>>> query = hm.query(images)             # k=1: what a test-time query gets (PPFR-FD only)
+>>> view = hm.as_image(masked)           # zero-filled inverse: what the masked tensor shows
+
+``order="mask_mix"`` (default) masks each face with its own secret permutation and then mixes
+(so different frequencies of different faces land in the same channel); ``"mix_mask"``
+mixes the raw 192-channel BDCT tensors and masks the mix once.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from ..utils.rng import SeedLike, generator_state, make_generator, set_generator_state
+from ..utils.validate import HybridMaskInputError, check_images
+from .channels import ChannelSpec
+from .dct import BlockDCT
+from .mixup import FreqMixUp, KLike, MixRecord
+from .ppfrfd import PPFRFD
+
+ORDERS = ("mask_mix", "mix_mask")
+
+
+class _EncodedPool:
+    """Pool of public pixel faces, encoded through the same front end only when drawn."""
+
+    def __init__(self, images: torch.Tensor, encode):
+        self.images = images
+        self.encode = encode
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.encode(self.images.index_select(0, idx.to(self.images.device)))
+
+
+class HybridMask(nn.Module):
+    """Block DCT -> PPFR-FD -> MixUp of k faces (or mix first, with ``order="mix_mask"``).
+
+    Args:
+        u: upsampling factor of the BDCT (1 -> 14x14 grid, 2 -> 28x28, 8 -> 112x112).
+        drop: channels to drop (``"dc"``, ``"lowN"``, ``"none"`` or indices).
+        shuffle / mix: PPFR-FD fast masking (``"sample"|"key"|"none"`` / ``"neighbour"|"none"``).
+        k: default number of faces per mix (int, per-sample tensor, or callable). 1 = no MixUp.
+        weights, max_weight, alpha, granularity: see :class:`FreqMixUp`.
+        order: ``"mask_mix"`` or ``"mix_mask"``.
+        pool: optional (N, 3, H, W) public faces in [-1, 1] to draw partners from instead of the batch.
+        seed: seed or generator for all secret draws; ``None`` (deployment) = secure OS seed.
+    """
+
+    def __init__(self, u: int = 1, drop: ChannelSpec = "dc", shuffle: str = "sample", mix: str = "neighbour",
+                 k: KLike = 1, weights: str = "instahide", max_weight: float = 0.65, alpha: float = 1.0,
+                 granularity: str = "image", order: str = "mask_mix", pool: Optional[torch.Tensor] = None,
+                 seed: SeedLike = None):
+        super().__init__()
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        if pool is not None:
+            check_images(pool, "pool", channels=3, multiple=8 // u if u in (1, 2, 4, 8) else None)
+        self.generator = make_generator(seed)
+        self.bdct = BlockDCT(u)
+        self.ppfrfd = PPFRFD(drop=drop, shuffle=shuffle, mix=mix, seed=self.generator)
+        self.mixup = FreqMixUp(k=k, weights=weights, max_weight=max_weight, alpha=alpha,
+                               granularity=granularity, seed=self.generator)
+        self.order = order
+        self.pool = pool
+        self._config = dict(u=u, drop=drop if isinstance(drop, (str, type(None))) else list(drop), shuffle=shuffle,
+                            mix=mix, k=k if isinstance(k, int) else 1, weights=weights, max_weight=max_weight,
+                            alpha=alpha, granularity=granularity, order=order)
+
+    # ---- configuration -------------------------------------------------------------------
+    @property
+    def config(self) -> Dict[str, Any]:
+        """Plain-data constructor arguments (no secrets, no pool) - stored in checkpoints."""
+        return dict(self._config)
+
+    @classmethod
+    def from_config(cls, config: Dict[str, Any], seed: SeedLike = None, pool: Optional[torch.Tensor] = None):
+        known = {"u", "drop", "shuffle", "mix", "k", "weights", "max_weight", "alpha", "granularity", "order"}
+        unknown = set(config) - known
+        if unknown:
+            raise KeyError(f"unknown HybridMask config keys: {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**config, seed=seed, pool=pool)
+
+    @property
+    def out_channels(self) -> int:
+        return self.ppfrfd.out_channels
+
+    @property
+    def kept(self):
+        return list(self.ppfrfd.kept)
+
+    def grid(self, size: int = 112) -> int:
+        return self.bdct.grid(size)
+
+    # ---- secret state (for exact resume; keep it as secret as the key it is) -------------
+    def secret_state(self) -> Dict[str, torch.Tensor]:
+        state = {"generator": generator_state(self.generator)}
+        if self.ppfrfd._key_perm is not None:
+            state["key_perm"] = self.ppfrfd._key_perm.clone()
+        return state
+
+    def load_secret_state(self, state: Dict[str, torch.Tensor]) -> None:
+        set_generator_state(self.generator, state["generator"])
+        if "key_perm" in state:
+            self.ppfrfd._key_perm = state["key_perm"].clone()
+
+    # ---- the transform -------------------------------------------------------------------
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """BDCT + PPFR-FD of each face on its own (no MixUp)."""
+        return self.ppfrfd(self.bdct(images))
+
+    def forward(self, images: torch.Tensor, k: Optional[KLike] = None):
+        """``(B, 3, H, W)`` in [-1, 1] -> ``(masked (B, C_kept, H*u/8, W*u/8), MixRecord)``."""
+        freq = self.bdct(images)
+        pool = None
+        if self.order == "mask_mix":
+            x = self.ppfrfd(freq)
+            if self.pool is not None:
+                pool = _EncodedPool(self.pool.to(images.device, images.dtype), self.encode)
+            bands = self.ppfrfd.kept_index % 64
+            return self.mixup(x, k=k, pool=pool, bands=bands)
+        if self.pool is not None:
+            pool = _EncodedPool(self.pool.to(images.device, images.dtype), self.bdct)
+        mixed, record = self.mixup(freq, k=k, pool=pool)
+        return self.ppfrfd(mixed), record
+
+    @torch.no_grad()
+    def query(self, images: torch.Tensor) -> torch.Tensor:
+        """The k=1 masking a test-time query gets (BDCT + PPFR-FD, no partners)."""
+        return self.encode(images)
+
+    def as_image(self, masked: torch.Tensor, size=None) -> torch.Tensor:
+        """Zero-filled inverse of a masked tensor: place its channels at the kept positions and
+        invert the BDCT. This is what the masked representation shows when viewed as a picture
+        (the paper's "masked-as-image", used for S1/S2); it does not undo the secret shuffle."""
+        if masked.shape[1] != self.out_channels:
+            raise HybridMaskInputError(f"expected {self.out_channels} channels, got {masked.shape[1]}")
+        return self.bdct.inverse(masked, kept=self.kept, size=size).clamp(-1, 1)

@@ -1,0 +1,31 @@
+"""Shared fixtures. Real-data tests read the data root from HYBRIDMASK_DATA
+(default ../shared/data/faces relative to the repository root) and skip with a clear reason
+when it is absent."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("HYBRIDMASK_DATA", str(REPO.parent / "shared" / "data" / "faces"))).resolve()
+
+
+@pytest.fixture(scope="session")
+def faces_root() -> Path:
+    root = data_root()
+    if not (root / "lfw_112").is_dir():
+        pytest.skip(f"real face data not found at {root} (set HYBRIDMASK_DATA to the folder holding lfw_112/, cfp_112/, celeba_112/)")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    # CI has 2 cores; keep each test from oversubscribing them
+    torch.set_num_threads(2)
+    yield
