@@ -94,8 +94,8 @@ class NoDefense(Defense):
 class _MaskDefense(Defense):
     input_kind = "freq"
 
-    def __init__(self, seed: SeedLike = None, **mask_kwargs):
-        super().__init__(**mask_kwargs)
+    def __init__(self, own: Dict[str, Any], seed: SeedLike = None, **mask_kwargs):
+        super().__init__(**own)  # the defense's own constructor arguments, for create_defense(**config)
         self.mask = HybridMask(seed=seed, **mask_kwargs)
 
     @property
@@ -122,7 +122,7 @@ class FrequencyOnly(_MaskDefense):
     name = "freq_only"
 
     def __init__(self, u: int = 1, seed: SeedLike = None):
-        super().__init__(seed=seed, u=u, drop="none", shuffle="none", mix="none", k=1)
+        super().__init__(dict(u=u), seed=seed, u=u, drop="none", shuffle="none", mix="none", k=1)
 
 
 @register_defense("ppfrfd")
@@ -131,7 +131,8 @@ class PPFRFDDefense(_MaskDefense):
     name = "ppfrfd"
 
     def __init__(self, u: int = 1, drop="dc", shuffle: str = "sample", mix: str = "neighbour", seed: SeedLike = None):
-        super().__init__(seed=seed, u=u, drop=drop, shuffle=shuffle, mix=mix, k=1)
+        own = dict(u=u, drop=drop, shuffle=shuffle, mix=mix)
+        super().__init__(own, seed=seed, **own, k=1)
 
 
 @register_defense("freq_mixup")
@@ -144,8 +145,9 @@ class FixedKMixUp(_MaskDefense):
                  order: str = "mask_mix", seed: SeedLike = None):
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
-        super().__init__(seed=seed, u=u, drop=drop, shuffle=shuffle, mix=mix, k=k, weights=weights,
-                         max_weight=max_weight, granularity=granularity, order=order)
+        own = dict(k=k, u=u, drop=drop, shuffle=shuffle, mix=mix, weights=weights, max_weight=max_weight,
+                   granularity=granularity, order=order)
+        super().__init__(own, seed=seed, **own)
 
 
 @register_defense("instahide")
