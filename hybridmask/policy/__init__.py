@@ -1,0 +1,32 @@
+"""Adaptive masking policy: context features, strategy network, REINFORCE, the constrained
+(Lagrangian) reward that prevents collapse to k=6, a synthetic game and a Gymnasium adapter.
+
+Typical use inside an alternating trainer (per batch)::
+
+    ctx = context_features(masked, running_loss, progress)        # (B, CONTEXT_DIM)
+    k, a, logp = policy.act(ctx)                                   # k in K_VALUES per sample
+    ... mix with k, train the recogniser, get per-sample FR losses fr (B,) ...
+    r = reward(fr.detach(), k)                                     # LagrangianReward
+    rl.update(logp, r, entropy=policy.dist(ctx).entropy())         # Reinforce
+    every eval: reward.update_multiplier(U)                        # dual ascent on mu
+"""
+from .features import CONTEXT_DIM, FEATURE_NAMES, FEATURE_CLIP, context_dim, context_features
+from .strategy import (K_VALUES, POLICIES, FixedKPolicy, MaskingPolicy, StrategyNet, UniformPolicy,
+                       create_policy, validate_k_values)
+from .reinforce import Reinforce
+from .reward import LagrangianReward
+from .toy import ToyMaskingGame
+
+__all__ = [
+    "CONTEXT_DIM", "FEATURE_NAMES", "FEATURE_CLIP", "context_dim", "context_features",
+    "K_VALUES", "POLICIES", "MaskingPolicy", "StrategyNet", "FixedKPolicy", "UniformPolicy",
+    "create_policy", "validate_k_values", "Reinforce", "LagrangianReward", "ToyMaskingGame",
+    "MaskingEnv",
+]
+
+
+def __getattr__(name):  # gymnasium is imported only when the env is used
+    if name == "MaskingEnv":
+        from .env import MaskingEnv
+        return MaskingEnv
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
