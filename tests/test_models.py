@@ -302,6 +302,32 @@ def test_mixed_loss_is_weighted_sum_for_k2_with_padding():
     assert torch.allclose(MixedMarginLoss(head)(emb, lab3, w3), expect, atol=1e-5)
 
 
+def test_mixed_loss_drops_unknown_pool_partners():
+    head = create_head("arcface", 8, 4)
+    emb = torch.randn(3, 8, generator=_gen(6))
+    y = torch.tensor([0, 2, 3])
+    w = torch.tensor([[0.6, 0.4], [0.7, 0.3], [1.0, 0.0]])
+    labels = torch.stack([y, torch.full((3,), -1)], 1)  # partners from a public pool: identity unknown
+    got = MixedMarginLoss(head, reduction="none")(emb, labels, w)
+    ce = F.cross_entropy(head(emb, y), y, reduction="none")
+    assert torch.allclose(got, w[:, 0] * ce, atol=1e-5)
+
+
+def test_mixed_loss_with_hybridmask_record():
+    from hybridmask.freq import HybridMask
+    hm = HybridMask(u=1, drop="dc", k=3, seed=0)
+    images = torch.rand(4, 3, 112, 112, generator=_gen(7)) * 2 - 1
+    y = torch.tensor([0, 1, 2, 1])
+    masked, record = hm(images)
+    model = create_model("tiny_test", stem="freq", in_chans=hm.out_channels, grid=hm.grid(112), embedding_size=16)
+    head = create_head("arcface", 16, 3)
+    loss = MixedMarginLoss(head)(model(masked), record.mixed_labels(y), record.label_weights)
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 0
+    with torch.no_grad():
+        assert model.eval()(hm.query(images)).shape == (4, 16)
+
+
 def test_mixed_loss_rejects_bad_weights():
     head = create_head("cosface", 8, 4)
     loss = MixedMarginLoss(head)
@@ -313,8 +339,11 @@ def test_mixed_loss_rejects_bad_weights():
         loss(emb, labels, torch.tensor([[1.5, -0.5], [0.5, 0.5]]))
     with pytest.raises(HybridMaskInputError, match="shape of labels"):
         loss(emb, labels, torch.tensor([[1.0], [1.0]]))
-    with pytest.raises(HybridMaskInputError, match="negative where its weight"):
-        loss(emb, torch.tensor([[0, -1], [2, 3]]), torch.tensor([[0.5, 0.5], [0.5, 0.5]]))
+    with pytest.raises(HybridMaskInputError, match="weight is non-zero"):
+        MixedMarginLoss(head, unknown_labels="error")(emb, torch.tensor([[0, -1], [2, 3]]),
+                                                       torch.tensor([[0.5, 0.5], [0.5, 0.5]]))
+    with pytest.raises(HybridMaskInputError, match="-1"):
+        loss(emb, torch.tensor([[0, -2], [2, 3]]), torch.tensor([[0.5, 0.5], [0.5, 0.5]]))
     with pytest.raises(TypeError, match="MarginHead"):
         MixedMarginLoss(torch.nn.Linear(2, 2))
 
@@ -345,6 +374,7 @@ def test_save_load_round_trip(tmp_path):
     assert head2.config == head.config
     assert meta["masking"] == masking and meta["extra"]["ids"] == ["a", "b"]
     assert meta["model_config"]["downsample"] == "early" and meta["hybridmask_version"]
+    assert (meta["name"], meta["stem"], meta["grid"], meta["embedding_size"]) == ("tiny_test", "freq", 14, 32)
 
 
 def test_save_load_without_head(tmp_path):
@@ -355,6 +385,18 @@ def test_save_load_without_head(tmp_path):
     x = torch.randn(2, 12, 14, 14)
     with torch.no_grad():
         assert torch.equal(model(x), model2(x))
+
+
+def test_checkpoint_masking_rebuilds_query_masking(tmp_path):
+    from hybridmask.freq import HybridMask
+    hm = HybridMask(u=2, drop="low10", k=2, seed=1)
+    model = create_model("tiny_test", stem="freq", in_chans=hm.out_channels, grid=hm.grid(112), embedding_size=8)
+    save_model(tmp_path / "r.pt", model.eval(), masking=hm.config)
+    model2, _, meta = load_model(tmp_path / "r.pt")
+    hm2 = HybridMask.from_config(meta["masking"], seed=2)
+    assert (hm2.out_channels, hm2.grid(112)) == (model2.in_chans, model2.input_size)
+    with torch.no_grad():
+        assert model2(hm2.query(torch.zeros(2, 3, 112, 112))).shape == (2, 8)
 
 
 def test_load_errors(tmp_path):

@@ -132,4 +132,7 @@ def load_model(path: Union[str, os.PathLike], map_location: Union[str, torch.dev
     meta = {k: ckpt.get(k) for k in ("model_config", "head_config", "masking", "extra", "hybridmask_version",
                                      "format_version")}
     meta["path"] = str(path)
+    # shortcuts for callers that only want the architecture summary
+    for k in ("name", "stem", "in_chans", "grid", "embedding_size"):
+        meta[k] = model.config.get(k)
     return model, head, meta

@@ -186,19 +186,29 @@ class MixedMarginLoss(nn.Module):
     ``loss(emb, labels, weights) = mean_b sum_m weights[b, m] * CE(margin_logits(emb_b, labels[b, m]), labels[b, m])``
 
     ``labels``: (B, K) integer (or (B,) for K = 1); ``weights``: (B, K) float, non-negative, each row
-    summing to 1 (default: uniform ``1/K``). A zero weight marks padding (rows with fewer than K
-    mixed images); its label may be anything, including -1. The cosine matrix is computed once.
-    With ``reduction="none"`` the per-sample losses (B,) are returned.
+    summing to 1 (default: uniform ``1/K``), e.g. ``record.mixed_labels(y)`` and
+    ``record.label_weights`` of a :class:`hybridmask.freq.MixRecord`. A zero weight marks padding
+    (rows with fewer than K mixed images); its label may be anything, including -1.
+
+    A label of -1 with a non-zero weight is a partner of unknown identity (a public-pool face):
+    with ``unknown_labels="ignore"`` (default) its term is dropped and the other weights are *not*
+    renormalised (InstaHide's convention: the target is ``lambda_0 * onehot(y_0)``); with
+    ``"error"`` it is refused. The cosine matrix is computed once. With ``reduction="none"`` the
+    per-sample losses (B,) are returned.
     """
 
-    def __init__(self, head: MarginHead, reduction: str = "mean", atol: float = 1e-4):
+    def __init__(self, head: MarginHead, reduction: str = "mean", unknown_labels: str = "ignore",
+                 atol: float = 1e-4):
         super().__init__()
         if not isinstance(head, MarginHead):
             raise TypeError(f"MixedMarginLoss needs a MarginHead (see create_head), got {type(head).__name__}")
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        if unknown_labels not in ("ignore", "error"):
+            raise ValueError(f"unknown_labels must be 'ignore' or 'error', got {unknown_labels!r}")
         self.head = head
         self.reduction = reduction
+        self.unknown_labels = unknown_labels
         self.atol = atol
 
     def forward(self, emb: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -229,11 +239,13 @@ class MixedMarginLoss(nn.Module):
         if not torch.allclose(row_sums, torch.ones_like(row_sums), atol=self.atol):
             bad = int((row_sums - 1).abs().argmax())
             raise HybridMaskInputError(f"each row of weights must sum to 1 (row {bad} sums to {float(row_sums[bad]):.6f})")
-        active = weights > 0
         for m in range(K):
             head.check_labels(labels[:, m], B, allow_negative=True)
-        if (labels[active] < 0).any():
-            raise HybridMaskInputError("a label is negative where its weight is non-zero (only padding may be -1)")
+        if (labels < -1).any():
+            raise HybridMaskInputError("labels must be >= 0, or -1 for padding / unknown identities")
+        if self.unknown_labels == "error" and (labels[weights > 0] < 0).any():
+            raise HybridMaskInputError("a label is -1 where its weight is non-zero (unknown_labels='error')")
+        active = (weights > 0) & (labels >= 0)
         cos = head._cosine(emb)
         loss = emb.new_zeros(B)
         for m in range(K):
