@@ -3,8 +3,12 @@
 
 Measures images/s of forward + backward (embedding -> ArcFace loss) at a fixed batch size on
 the CPU (or --device), median of a few timed repeats after a warm-up, for the pixel stem
-(B, 3, 112, 112) and the frequency stem (B, C, g, g) for each grid g, all in the same run, and
-prints the speed-up of each grid over pixels.
+(B, 3, 112, 112) and the frequency stem (B, C, g, g) for each grid g, all in the same run (the
+repeats go round-robin over the cases, so background load affects them alike), and prints the
+speed-up of each grid over pixels.
+
+On a CPU shared with other busy processes, OpenMP's default spin-waiting makes 2-thread runs many
+times slower; ``OMP_WAIT_POLICY=PASSIVE`` (set before Python starts) avoids most of that.
 
     python scripts/bench_backbones.py --model iresnet18            # grids 14 and 28, 189 channels
     python scripts/bench_backbones.py --model mobilefacenet --grids 14 28 56
@@ -12,6 +16,7 @@ prints the speed-up of each grid over pixels.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -20,27 +25,27 @@ import time
 import torch
 import torch.nn.functional as F
 
-from hybridmask.models import create_head, create_model, list_models
+from hybridmask.models import create_head, create_model, list_models, model_macs
 
 
-def bench(model, head, x, y, repeats: int, warmup: int) -> float:
-    """Median images/s of forward + backward over ``repeats`` timed steps."""
-    model.train()
-    params = list(model.parameters()) + list(head.parameters())
-    times = []
-    for i in range(warmup + repeats):
-        for p in params:
-            p.grad = None
-        if x.device.type == "cuda":
-            torch.cuda.synchronize(x.device)
-        t0 = time.perf_counter()
-        loss = F.cross_entropy(head(model(x), y), y)
-        loss.backward()
-        if x.device.type == "cuda":
-            torch.cuda.synchronize(x.device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return x.shape[0] / statistics.median(times)
+def step(model, head, x, y) -> float:
+    """Seconds of one forward + backward (embedding -> ArcFace loss)."""
+    for p in list(model.parameters()) + list(head.parameters()):
+        p.grad = None
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    t0 = time.perf_counter()
+    F.cross_entropy(head(model(x), y), y).backward()
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    return time.perf_counter() - t0
+
+
+def load_text() -> str:
+    try:
+        return " ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
 
 
 def main(argv=None) -> int:
@@ -64,23 +69,38 @@ def main(argv=None) -> int:
     n_ids = 1000
     head = create_head("arcface", 512, n_ids).to(dev)
     y = torch.randint(0, n_ids, (args.batch,), device=dev)
+    print(f"# load average before: {load_text()}")
     print(f"# {args.model}, batch {args.batch}, forward+backward, {args.threads} threads, device {dev}, "
           f"median of {args.repeats} (+{args.warmup} warm-up), torch {torch.__version__}, {platform.processor() or platform.machine()}")
 
     t_start = time.perf_counter()
-    results = {}
-    cases = [("pixel112", dict(stem="pixel"), (3, 112))]
-    cases += [(f"grid{g}", dict(stem="freq", in_chans=args.channels, grid=g, downsample=args.downsample),
-               (args.channels, g)) for g in args.grids]
-    for label, kw, (c, s) in cases:
-        model = create_model(args.model, **kw).to(dev)
+    cases = [("pixel112", dict(stem="pixel"))]
+    cases += [(f"grid{g}", dict(stem="freq", in_chans=args.channels, grid=g, downsample=args.downsample))
+              for g in args.grids]
+    built = []
+    for label, kw in cases:
+        c, s = (3, 112) if kw["stem"] == "pixel" else (args.channels, kw["grid"])
+        model = create_model(args.model, **kw).to(dev).train()
         x = torch.randn(args.batch, c, s, s, device=dev)
-        ips = bench(model, head, x, y, args.repeats, args.warmup)
-        results[label] = ips
-        print(f"{label:>9}: {ips:8.1f} images/s  (input {tuple(x.shape[1:])})", flush=True)
+        for _ in range(args.warmup):
+            step(model, head, x, y)
+        built.append((label, model, x))
+    # round-robin repeats: load from other processes hits every case alike
+    times = {label: [] for label, _, _ in built}
+    for _ in range(args.repeats):
+        for label, model, x in built:
+            times[label].append(step(model, head, x, y))
+    results, macs = {}, {}
+    for label, _, x in built:
+        results[label] = args.batch / statistics.median(times[label])
+        macs[label] = model_macs(args.model, **dict(cases)[label])
+        print(f"{label:>9}: {results[label]:8.1f} images/s  {macs[label] / 1e9:6.3f} GMAC/image forward  "
+              f"(input {tuple(x.shape[1:])}, "
+              f"step times {', '.join(f'{t:.2f}' for t in times[label])} s)", flush=True)
     for g in args.grids:
-        print(f"grid{g} vs pixel112: {results[f'grid{g}'] / results['pixel112']:.1f}x")
-    print(f"# wall time {time.perf_counter() - t_start:.0f} s")
+        print(f"grid{g} vs pixel112: {results[f'grid{g}'] / results['pixel112']:.1f}x "
+              f"(multiply-adds: {macs['pixel112'] / macs[f'grid{g}']:.1f}x fewer)")
+    print(f"# wall time {time.perf_counter() - t_start:.0f} s, load average {load_text()}")
     return 0
 
 

@@ -5,7 +5,7 @@
     head = create_head("arcface", 512, num_classes)                        # s=64, m=0.5
     loss = MixedMarginLoss(head)(net(x), labels_BK, weights_BK)
 """
-from .base import (FREQ_GRIDS, MODELS, FRBackbone, create_model, list_models, register_model)
+from .base import (FREQ_GRIDS, MODELS, FRBackbone, create_model, list_models, model_macs, register_model)
 from .heads import (HEADS, ArcFace, CosFace, MarginHead, MixedMarginLoss, create_head, list_heads,
                     register_head)
 from .checkpoint import load_model, save_model
@@ -16,7 +16,7 @@ from .mobilefacenet import MobileFaceNet
 from .tiny import TinyNet
 
 __all__ = [
-    "create_model", "list_models", "register_model", "MODELS", "FRBackbone", "FREQ_GRIDS",
+    "create_model", "list_models", "register_model", "model_macs", "MODELS", "FRBackbone", "FREQ_GRIDS",
     "IResNet", "MobileFaceNet", "TinyNet",
     "create_head", "list_heads", "register_head", "HEADS", "MarginHead", "ArcFace", "CosFace",
     "MixedMarginLoss", "save_model", "load_model",

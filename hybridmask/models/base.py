@@ -185,3 +185,28 @@ def freq_stem(in_chans: int, width: int, input_norm: bool = True) -> nn.Sequenti
         layers.append(nn.BatchNorm2d(in_chans))
     layers += [nn.Conv2d(in_chans, width, 1, bias=False), nn.BatchNorm2d(width), nn.PReLU(width)]
     return nn.Sequential(*layers)
+
+
+def model_macs(name: str, **kw) -> int:
+    """Multiply-adds of one forward pass for one input of ``create_model(name, **kw)``, counting
+    convolutions and linear layers. The model is built on the meta device, so nothing is computed
+    and no memory is used."""
+    with torch.device("meta"):
+        model = create_model(name, **kw).eval()
+    model.check_inputs = False  # meta tensors hold no values to check
+    total = [0]
+
+    def conv_hook(m, inp, out):
+        total[0] += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+
+    def linear_hook(m, inp, out):
+        total[0] += out.numel() * m.in_features
+
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_hook(conv_hook)
+        elif isinstance(m, nn.Linear):
+            m.register_forward_hook(linear_hook)
+    with torch.no_grad():
+        model(torch.empty(1, model.in_chans, model.input_size, model.input_size, device="meta"))
+    return int(total[0])
