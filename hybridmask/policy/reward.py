@@ -123,7 +123,8 @@ class LagrangianReward:
             :meth:`update_multiplier`, e.g. verification accuracy in ``[0, 1]``).
         mu_init: initial multiplier (>= 0).
         mu_lr: dual ascent step (integral gain).
-        mu_kp: proportional gain (0 = pure dual ascent).
+        mu_kp: proportional gain (0 = pure dual ascent, the DESIGN formula; the default 10 damps
+            the oscillation, see module doc).
         per_k_norm: per-k normalisation of the within-k loss spread (module doc).
         constraint: ``False`` drops the utility term entirely (pure FR-loss reward).
         cost: ``"linear"``, ``"log"`` or a sequence of ``len(k_values)`` non-negative numbers.
@@ -133,9 +134,9 @@ class LagrangianReward:
     """
 
     def __init__(self, k_values: Sequence[int] = K_VALUES, utility_target: float = 0.9, mu_init: float = 0.0,
-                 mu_lr: float = 0.2, per_k_norm: bool = True, constraint: bool = True,
+                 mu_lr: float = 0.5, per_k_norm: bool = True, constraint: bool = True,
                  cost: Union[str, Sequence[float]] = "linear", momentum: float = 0.99, mu_max: float = 1e3,
-                 clip: float = 5.0, mu_kp: float = 0.0):
+                 clip: float = 5.0, mu_kp: float = 10.0):
         self.k_values = validate_k_values(k_values)
         self.utility_target = _finite_float(utility_target, "utility_target")
         self.mu = _finite_float(mu_init, "mu_init")

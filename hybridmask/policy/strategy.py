@@ -131,7 +131,9 @@ class MaskingPolicy(nn.Module):
             action = probs.argmax(dim=1)
         else:
             g = self.generator if generator is None else generator
-            action = torch.multinomial(probs.to("cpu", torch.float64), 1, generator=g).squeeze(1).to(ctx.device)
+            if not isinstance(g, torch.Generator) or g.device.type != "cpu":
+                raise HybridMaskInputError("generator must be a CPU torch.Generator (sampling runs on the CPU)")
+            action = torch.multinomial(probs.to("cpu", torch.float64), 1, generator=g).squeeze(1).to(probs.device)
         return self.k_of(action), action, d.log_prob(action)
 
     def evaluate(self, ctx: torch.Tensor, action: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
