@@ -1,0 +1,168 @@
+"""YAML training configs: a commented base file, ``_base_`` inheritance and dotted overrides.
+
+    cfg = load_config("configs/quickstart.yaml", ["train.steps=4", "model.name=tiny_test"])
+
+* A config file may name a parent with ``_base_: base.yaml`` (relative to the file); the child's
+  mappings are merged into the parent's recursively (the child wins; lists are replaced).
+* Overrides ``dotted.key=value`` are parsed as YAML (``train.steps=4`` gives an int,
+  ``policy.k_values=[2,4,6]`` a list, ``data.train=null`` None).
+* Every key must exist in ``configs/base.yaml`` (the schema); an unknown key raises a
+  ``KeyError`` that names it and lists the known keys of its section. Sections listed in
+  :data:`FREE_FORM` (keyword arguments passed through to a builder) accept any key.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Union
+
+import yaml
+
+PathLike = Union[str, os.PathLike]
+
+#: sections whose keys are passed through as keyword arguments (not validated here)
+FREE_FORM = ("defense.args", "model.args")
+
+_PKG_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+class ConfigKeyError(KeyError):
+    """An unknown config key (a ``KeyError`` whose message prints without quotes)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def default_base_path() -> Path:
+    """``configs/base.yaml`` of the repository (the schema every config is checked against)."""
+    return _PKG_CONFIGS / "base.yaml"
+
+
+def _read_yaml(path: Path) -> Dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"cannot parse config {path}: {e}") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path} must be a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
+    """Recursive dict merge (``over`` wins; non-dict values, lists included, are replaced)."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def read_config_file(path: PathLike, _seen: Optional[List[Path]] = None) -> Dict[str, Any]:
+    """Read a config file with its ``_base_`` chain resolved (no validation)."""
+    path = Path(path).resolve()
+    seen = list(_seen or [])
+    if path in seen:
+        raise ValueError(f"config inheritance loop: {' -> '.join(str(p) for p in seen + [path])}")
+    data = _read_yaml(path)
+    base = data.pop("_base_", None)
+    if base is None:
+        return data
+    bases = base if isinstance(base, list) else [base]
+    merged: Dict[str, Any] = {}
+    for b in bases:
+        if not isinstance(b, str):
+            raise ValueError(f"{path}: _base_ must be a file name or a list of them, got {b!r}")
+        merged = merge(merged, read_config_file(path.parent / b, seen + [path]))
+    return merge(merged, data)
+
+
+def parse_override(text: str) -> tuple:
+    """``"a.b=value"`` -> ``(["a", "b"], parsed value)`` (the value is parsed as YAML)."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like dotted.key=value (e.g. train.steps=4)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ValueError(f"override {text!r} has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ValueError(f"cannot parse the value of override {text!r}: {e}") from e
+    return key.split("."), value
+
+
+def set_dotted(cfg: Dict[str, Any], parts: List[str], value: Any) -> None:
+    node = cfg
+    for i, p in enumerate(parts[:-1]):
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ValueError(f"cannot set {'.'.join(parts)}: {'.'.join(parts[:i + 1])} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def get_dotted(cfg: Dict[str, Any], key: str, default: Any = None) -> Any:
+    node: Any = cfg
+    for p in key.split("."):
+        if not isinstance(node, dict) or p not in node:
+            return default
+        node = node[p]
+    return node
+
+
+def _free(prefix: str) -> bool:
+    return any(prefix == f or prefix.startswith(f + ".") for f in FREE_FORM)
+
+
+def validate(cfg: Dict[str, Any], schema: Dict[str, Any], prefix: str = "") -> None:
+    """Raise ``KeyError`` for a key of ``cfg`` that ``schema`` does not have (with suggestions)."""
+    for k, v in cfg.items():
+        dotted = f"{prefix}{k}"
+        if _free(dotted):
+            continue
+        if k not in schema:
+            known = sorted(schema)
+            close = difflib.get_close_matches(str(k), [str(x) for x in known], n=1)
+            hint = f" (did you mean {prefix}{close[0]!s}?)" if close else ""
+            where = f"section {prefix[:-1]!r}" if prefix else "the top level"
+            raise ConfigKeyError(f"unknown config key {dotted!r}{hint}; known keys in {where}: "
+                           f"{', '.join(str(x) for x in known)}")
+        if isinstance(v, dict) and isinstance(schema[k], dict):
+            validate(v, schema[k], dotted + ".")
+        elif isinstance(v, dict) and schema[k] is not None and not _free(dotted):
+            raise ValueError(f"config key {dotted!r} must be a {type(schema[k]).__name__}, got a mapping")
+
+
+def load_config(path: PathLike, overrides: Iterable[str] = (), base: Optional[PathLike] = None,
+                check: bool = True) -> Dict[str, Any]:
+    """Load ``path`` (with its ``_base_`` chain), apply ``overrides`` and check every key
+    against the schema ``base`` (default ``configs/base.yaml``), then fill in the defaults from
+    it. Configs with ``method: arl`` are returned as read (ARL checks its own schema)."""
+    cfg = read_config_file(path)
+    for ov in overrides:
+        parts, value = parse_override(ov)
+        set_dotted(cfg, parts, value)
+    if str(cfg.get("method") or "").lower() == "arl":
+        return cfg   # ARL has its own schema (hybridmask.defenses.arl merges and checks it)
+    if check:
+        schema_path = Path(base) if base is not None else default_base_path()
+        schema = read_config_file(schema_path) if schema_path.is_file() else None
+        if schema is not None:
+            validate(cfg, schema)
+            cfg = merge(schema, cfg)
+    cfg["_source_"] = str(Path(path))
+    return cfg
+
+
+def dump_config(cfg: Dict[str, Any]) -> str:
+    return yaml.safe_dump({k: v for k, v in cfg.items() if k != "_source_"}, sort_keys=False)
