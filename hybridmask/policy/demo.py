@@ -70,7 +70,7 @@ def _run_toy(args) -> int:
         free = play_toy(False, args.target, args.steps, seed=seed)
         con = play_toy(True, args.target, args.steps, seed=seed, mu_kp=args.mu_kp, mu_lr=args.mu_lr)
         print(f"seed {seed}  FR loss only : {_fmt(free)}")
-        print(f"seed {seed}  constrained  : {_fmt(con)}   ({time.time() - t0:.1f} s)")
+        print(f"seed {seed}  constrained  : {_fmt(con)}   ({time.time() - t0:.1f} s)", flush=True)
     return 0
 
 
@@ -136,9 +136,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     if args.what == "toy":
+        torch.set_num_threads(1)   # thousands of tiny ops: threads only add synchronisation
         return _run_toy(args)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
     if not 2 <= args.n <= 128:
         raise ValueError(f"--n must be in [2, 128], got {args.n}")
     return _run_features(args)

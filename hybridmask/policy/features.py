@@ -83,6 +83,9 @@ def _check_scalar(value, name: str) -> float:
 def context_features(masked_freq: torch.Tensor, running_loss: float = 0.0, progress: float = 0.0) -> torch.Tensor:
     """Per-sample context ``(B, CONTEXT_DIM)`` of a masked frequency batch ``(B, C, h, w)``.
 
+    For the policy's decision pass each sample's masked tensor *before* mixing
+    (``HybridMask.encode(x)``, the k=1 masking); the features are also defined on mixed tensors.
+
     ``running_loss`` is the trainer's running FR loss (finite), ``progress`` the fraction of
     training done, in ``[0, 1]``. The result has the dtype and device of ``masked_freq`` and
     carries no gradient.

@@ -19,8 +19,8 @@ by gradient ascent on the policy and dual ascent on ``mu``:
 
     mu <- clip(mu + mu_lr * (U_target - U), 0, mu_max)        (update_multiplier)
 
-Optionally (``mu_kp > 0``) a proportional term is added, ``mu = clip(I + mu_kp * (U_target - U))``
-with ``I`` the integral above (a PI controller, as in Stooke et al. 2020 "Responsive safety in RL
+By default (``mu_kp=10``) a proportional term is added, ``mu = clip(I + mu_kp * (U_target - U))``
+with ``I`` the integral above; ``mu_kp=0`` is pure dual ascent (a PI controller, as in Stooke et al. 2020 "Responsive safety in RL
 by PID Lagrangian methods"): it reacts to a deficit at once and withdraws as soon as it is gone,
 which damps the overshoot/oscillation of pure dual ascent when the utility responds to the
 action mix with a delay (the recogniser has to be trained on the new mix first).
@@ -50,13 +50,16 @@ cost of its own action::
 
 ``c`` is the *cost vector* (``cost=``): ``"linear"`` (default) ``c(k) = (k - 1) / (k_max - 1)``,
 ``"log"`` ``c(k) = log k / log k_max``, or explicit numbers per k (e.g. a measured accuracy drop
-per k), replaceable at run time with :meth:`LagrangianReward.set_costs`. Only the *ordering* of
-``c`` must be right (more images mixed -> more utility lost); its overall scale is absorbed by
-``mu``, which dual ascent tunes until the constraint holds.
+per k), replaceable at run time with :meth:`LagrangianReward.set_costs`. The overall scale of
+``c`` is absorbed by ``mu``, which dual ascent tunes until the constraint holds; for the target to
+be reachable it is enough that the cheapest action under ``c`` meets it when used alone (with the
+default, k=2). The *shape* of ``c`` decides which of the mixes that meet the target the policy
+prefers (e.g. ``cost="log"`` against a privacy gain that grows like ``log k`` makes all k tie
+at the balancing ``mu``, giving a near-uniform mix).
 
 Why it cannot collapse while the constraint binds: if the policy put all mass on k=6 and
 ``U(k=6 only) < U_target`` (the constraint binds), every ``update_multiplier`` call raises ``mu``
-by ``mu_lr * (U_target - U) > 0``; once ``mu * (c(6) - c(k)) > P(6) - P(k)`` for a cheaper k, that
+by ``mu_lr * (U_target - U) > 0`` (the integral term ``I``); once ``mu * (c(6) - c(k)) > P(6) - P(k)`` for a cheaper k, that
 k has the larger expected reward and the policy moves toward it. The only fixed points of
 the coupled dynamics have ``U ~ U_target`` on average, which "always k=6" violates. With
 ``constraint=False`` the cost term is dropped (``mu`` is never updated and not applied) and
