@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "attack": ("hybridmask.attacks.cli", "run model-inversion attacks against a defense"),
     "benchmark": ("hybridmask.benchmark", "privacy-utility benchmark of all defenses"),
     "mask": ("hybridmask.freq.cli", "mask a folder of faces and write the zero-filled inverse as PNGs"),
+    "policy-demo": ("hybridmask.policy.demo", "collapse demo on the toy game / what the policy context sees on real faces"),
 }
 
 
