@@ -4,10 +4,15 @@ when it is absent."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import pytest
-import torch
+# OpenMP threads that spin while waiting make every torch op up to 10x slower when the 2 cores are
+# shared with other processes (measured here); sleeping waits cost nothing on an idle machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
