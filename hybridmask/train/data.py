@@ -50,7 +50,7 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
 
 
-def materialize(dataset, desc: str = "decode") -> TensorFaces:
+def materialize(dataset, desc: str = "decode", progress: bool = True) -> TensorFaces:
     """Decode every image of a map-style ``(image, label)`` dataset once into a :class:`TensorFaces`."""
     n = len(dataset)
     if n == 0:
@@ -58,7 +58,7 @@ def materialize(dataset, desc: str = "decode") -> TensorFaces:
     first, _ = dataset[0]
     imgs = torch.empty((n,) + tuple(first.shape), dtype=torch.uint8)
     labels = torch.empty(n, dtype=torch.long)
-    for i in tqdm(range(n), desc=desc, unit="img", leave=False, mininterval=2.0):
+    for i in tqdm(range(n), desc=desc, unit="img", leave=False, mininterval=2.0, disable=not progress):
         x, y = dataset[i]
         imgs[i] = _to_uint8(x)
         labels[i] = int(y)
@@ -66,7 +66,7 @@ def materialize(dataset, desc: str = "decode") -> TensorFaces:
     return TensorFaces(imgs, labels, classes)
 
 
-def load_training_set(data_cfg: Dict, cache_dir: Optional[Path] = None) -> TensorFaces:
+def load_training_set(data_cfg: Dict, cache_dir: Optional[Path] = None, progress: bool = True) -> TensorFaces:
     """The training faces of a config's ``data`` section (see ``configs/base.yaml``)."""
     root = data_cfg.get("train")
     if root:
@@ -97,11 +97,11 @@ def load_training_set(data_cfg: Dict, cache_dir: Optional[Path] = None) -> Tenso
                 return TensorFaces(blob["images"], blob["labels"], blob["classes"])
             except (ValueError, KeyError):
                 pass  # a stale or broken cache is rebuilt
-        faces = materialize(ds, desc)
+        faces = materialize(ds, desc, progress)
         atomic_save({"images": faces.images, "labels": faces.labels, "classes": faces.classes, "key": json.dumps(key)},
                     path)
         return faces
-    return materialize(ds, desc)
+    return materialize(ds, desc, progress)
 
 
 def holdout_split(labels: Sequence[int], per_identity: int = 1, max_identities: Optional[int] = None,

@@ -134,10 +134,10 @@ def run_training(cfg: Dict[str, Any]) -> Dict[str, Any]:
             f.write(dump_config(cfg))
 
     # --- data: decoded once (rank 0 fills the cache, the others read it)
-    faces = load_training_set(dc, cache_dir=out_root / "cache") if main else None
+    faces = load_training_set(dc, cache_dir=out_root / "cache", progress=progress) if main else None
     D.barrier()
     if not main:
-        faces = load_training_set(dc, cache_dir=out_root / "cache")
+        faces = load_training_set(dc, cache_dir=out_root / "cache", progress=False)
     train_idx, held_idx = holdout_split(faces.labels.tolist(), int(dc.get("holdout_per_identity") or 0),
                                         dc.get("holdout_identities"), seed)
     train_set = faces.subset(train_idx)
@@ -156,7 +156,10 @@ def run_training(cfg: Dict[str, Any]) -> Dict[str, Any]:
     mseed = rc.get("mask_seed")
     mask_seed = None if mseed is None else int(mseed) + 7919 * rank   # every rank has its own secrets
     defense = build_defense(cfg["defense"], policy, mask_seed)
-    model = create_model(mc["name"], stem=defense.input_kind, in_chans=defense.in_channels, grid=defense.grid,
+    size = int(faces.images.shape[-1])
+    mask = getattr(defense, "mask", None)
+    grid = defense.grid if size == 112 else (mask.grid(size) if mask is not None else size)
+    model = create_model(mc["name"], stem=defense.input_kind, in_chans=defense.in_channels, grid=grid,
                          embedding_size=int(mc["embedding_size"]), dropout=float(mc.get("dropout") or 0.0),
                          **dict(mc.get("args") or {}))
     hc = cfg["head"]
@@ -197,7 +200,7 @@ def run_training(cfg: Dict[str, Any]) -> Dict[str, Any]:
     if main and progress:
         print(f"run {name}: {len(train_set)} training images of {faces.num_classes} identities "
               f"({len(held_idx)} held out for U), defense {defense.name} -> {defense.input_kind} "
-              f"{defense.in_channels}x{defense.grid}x{defense.grid}, model {mc['name']}, "
+              f"{defense.in_channels}x{grid}x{grid}, model {mc['name']}, "
               f"policy {pc.get('name')}, {total} steps x {bs} x {world} process(es)")
     t_fit = time.time()
     summary = trainer.fit(steps=total)

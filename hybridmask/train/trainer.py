@@ -212,6 +212,7 @@ class AlternatingTrainer:
         self.sampler: Optional[ResumableBatchSampler] = None
         self.loader = self._wrap_loader(loader, batch_size, num_workers)
         self.batches_per_epoch = self.sampler.batches_per_epoch if self.sampler is not None else None
+        self._check_batch_vs_k()
         # utility split
         self.utility_x = self.utility_y = None
         if utility_data is not None:
@@ -264,6 +265,21 @@ class AlternatingTrainer:
         self._loader_gen = torch.Generator()
         self.batch_size = int(bs)
         return DataLoader(dataset, batch_sampler=self.sampler, generator=self._loader_gen, **kw)
+
+    def _check_batch_vs_k(self) -> None:
+        """Partners come from the (per-process) batch: the largest k must fit in it."""
+        bs = getattr(self, "batch_size", None)
+        if bs is None or getattr(getattr(self.defense, "mask", None), "pool", None) is not None:
+            return
+        ks = list(self.policy.k_values) if self.policy is not None else []
+        k_def = getattr(getattr(getattr(self.defense, "mask", None), "mixup", None), "k", None)
+        if isinstance(k_def, int):
+            ks.append(k_def)
+        if isinstance(getattr(self.defense, "k", None), int):
+            ks.append(self.defense.k)
+        if ks and max(ks) > bs:
+            raise ValueError(f"the batch size per process ({bs}) must be at least the largest k ({max(ks)}): "
+                             f"MixUp partners come from the same batch")
 
     def batches(self) -> Iterator:
         """Endless iterator over the training batches, starting at the current position (epoch,
@@ -628,7 +644,11 @@ class AlternatingTrainer:
         st = {"torch": torch.get_rng_state(), "python": random.getstate(),
               "numpy": _numpy_state_to_plain(np.random.get_state()),
               "aug": generator_state(self.aug_gen), "defense": _secret_state(self.defense),
-              "running_loss": self.running_loss}
+              "running_loss": self.running_loss,
+              # consistency fingerprints: identical on every rank when DDP keeps the replicas in sync
+              "model_checksum": float(sum(p.detach().double().sum() for p in self.model.parameters())),
+              "policy_checksum": None if self.policy is None else
+              float(sum(p.detach().double().sum() for p in self.policy.parameters()))}
         if torch.cuda.is_available():
             st["cuda"] = torch.cuda.get_rng_state_all()
         return st

@@ -1,0 +1,305 @@
+"""Trainer, configs, CLI, adaptive defense and distributed training (tiny models, synthetic data)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from hybridmask.cli import main as cli_main
+from hybridmask.defenses import AdaptiveMask, create_defense, load_policy, save_policy
+from hybridmask.models import create_head, create_model
+from hybridmask.policy import FixedKPolicy, LagrangianReward, Reinforce, StrategyNet
+from hybridmask.train import AlternatingTrainer, ResumableBatchSampler
+from hybridmask.train.config import ConfigKeyError, load_config
+from hybridmask.utils import safe_torch_load
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 32          # 32x32 faces -> a 4x4 frequency grid at u=1 (tiny_test takes any grid >= 4)
+N_IDS, PER_ID = 6, 6
+
+
+def faces(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(N_IDS).repeat_interleave(PER_ID)
+    protos = torch.rand(N_IDS, 3, SIZE, SIZE, generator=g) * 2 - 1
+    x = (protos[labels] + 0.3 * torch.randn(len(labels), 3, SIZE, SIZE, generator=g)).clamp(-1, 1)
+    return x, labels
+
+
+def make_trainer(tmp, policy_kind="adaptive", defense_name="adaptive", n_fr=1, total=None, loader_kind="loader",
+                 mask_seed=3, log=True):
+    torch.manual_seed(0)
+    x, y = faces()
+    policy = {"adaptive": lambda: StrategyNet(seed=5, hidden=16), "fixed": lambda: FixedKPolicy(3, seed=5),
+              None: lambda: None}[policy_kind]()
+    if defense_name == "adaptive":
+        defense = AdaptiveMask(policy=policy, seed=mask_seed)
+    else:
+        defense = create_defense(defense_name, seed=mask_seed)
+    stem = "pixel" if defense.input_kind == "pixel" else "freq"
+    model = create_model("tiny_test", stem=stem, in_chans=defense.in_channels,
+                         grid=SIZE if stem == "pixel" else SIZE // 8, embedding_size=16)
+    head = create_head("cosface", 16, N_IDS, s=16.0)
+    opt = torch.optim.SGD(list(model.parameters()) + list(head.parameters()), lr=0.05, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.1 * s))
+    ds = TensorDataset(x, y)
+    loader = DataLoader(ds, batch_size=8) if loader_kind == "loader" else ds
+    trainable = policy is not None and policy.trainable
+    rl = Reinforce(policy, lr=1e-2) if trainable else None
+    reward = LagrangianReward(policy.k_values, utility_target=0.9) if trainable else None
+    return AlternatingTrainer(model, head, opt, loader, defense, policy=policy, policy_optim=rl, reward=reward,
+                              n_fr=n_fr, n_pi=1, scheduler=sched, utility_data=(x[::PER_ID], y[::PER_ID]),
+                              utility_every=2, log_every=2, batch_size=8, hflip=True, progress=False,
+                              log_dir=(tmp / "tb") if log else None, ckpt_dir=tmp / "ckpt", seed=11,
+                              total_steps=total)
+
+
+def params(*modules):
+    return [p.detach().clone() for m in modules for p in m.state_dict().values() if torch.is_tensor(p)]
+
+
+# ------------------------------------------------------------------ trainer
+def test_two_steps_write_tensorboard_and_checkpoint(tmp_path):
+    tr = make_trainer(tmp_path)
+    summary = tr.fit(steps=2)
+    tr.close()
+    assert summary["steps"] == 2
+    events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    ck = safe_torch_load(tmp_path / "ckpt" / "last.pt")
+    assert ck["format"] == "hybridmask.trainer" and ck["global_step"] == 2
+    assert ck["policy"] is not None and ck["reward"] is not None and len(ck["ranks"]) == 1
+    assert ck["ranks"][0]["defense"]["generator"].dtype == torch.uint8   # the masking secret state travels
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ea = EventAccumulator(str(tmp_path / "tb"))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    assert {"train/fr_loss", "policy/mu", "utility/identification", "train/throughput_img_s"} <= tags
+    assert any(t.startswith("k/frac_k") for t in tags) and "k/hist" in ea.Tags()["histograms"]
+
+
+@pytest.mark.parametrize("loader_kind", ["loader", "dataset"])
+def test_resume_is_exact(tmp_path, loader_kind):
+    n = 8   # 36 images / batch 8 = 4 batches per epoch: the split crosses an epoch boundary
+    a = make_trainer(tmp_path / "a", loader_kind=loader_kind, log=False)
+    a.fit(steps=n)
+    b = make_trainer(tmp_path / "b", loader_kind=loader_kind, total=n, log=False)
+    b.fit(steps=n // 2 + 1)      # mid-epoch, mid-cycle stop; fit() writes ckpt/last.pt
+    del b
+    c = make_trainer(tmp_path / "c", loader_kind=loader_kind, log=False)   # fresh objects
+    c.load_checkpoint(tmp_path / "b" / "ckpt" / "last.pt")
+    assert c.global_step == n // 2 + 1
+    c.fit(steps=n)
+    for pa, pc in zip(params(a.model, a.head), params(c.model, c.head)):
+        assert torch.allclose(pa, pc, atol=1e-6, rtol=0), "recognizer differs after resume"
+    for pa, pc in zip(params(a.policy), params(c.policy)):
+        assert torch.allclose(pa, pc, atol=1e-6, rtol=0), "policy differs after resume"
+    assert a.reward.mu == pytest.approx(c.reward.mu, abs=1e-9)
+    assert a.k_counts == c.k_counts
+    assert a.policy_optim.b_mean == pytest.approx(c.policy_optim.b_mean, abs=1e-9)
+
+
+def test_resume_detects_missing_parts(tmp_path):
+    a = make_trainer(tmp_path / "a", log=False)
+    a.fit(steps=1)
+    b = make_trainer(tmp_path / "b", policy_kind=None, log=False)
+    with pytest.raises(ValueError, match="policy"):
+        b.load_checkpoint(tmp_path / "a" / "ckpt" / "last.pt")
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        b.load_checkpoint(tmp_path / "bad.pt")
+
+
+@pytest.mark.parametrize("defense_name,policy_kind,expect_k", [("ppfrfd", None, {1}), ("none", None, {1}),
+                                                               ("freq_mixup", "fixed", {3}),
+                                                               ("freq_mixup", None, {4})])
+def test_baselines_train_with_the_same_trainer(tmp_path, defense_name, policy_kind, expect_k):
+    tr = make_trainer(tmp_path, policy_kind=policy_kind, defense_name=defense_name, log=False)
+    losses = [tr.step(next(iter(tr.batches())))["loss"] for _ in range(2)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert set(tr.k_counts) == expect_k
+    assert not tr.learn_policy
+
+
+def test_policy_moves_and_k_histogram(tmp_path):
+    tr = make_trainer(tmp_path, log=False)
+    before = params(tr.policy)
+    tr.fit(steps=4)
+    assert any(not torch.equal(p, q) for p, q in zip(before, params(tr.policy)))
+    assert set(tr.k_counts) <= {2, 3, 4, 5, 6} and sum(tr.k_counts.values()) == 4 * 8
+    assert tr.last_utility is not None and 0.0 <= tr.last_utility <= 1.0
+    assert "policy/reward_mean" in tr.history[-1] and "k_mean" in tr.history[-1]
+
+
+def test_trainer_rejects_bad_arguments(tmp_path):
+    x, y = faces()
+    model = create_model("tiny_test", stem="freq", in_chans=189, grid=4, embedding_size=16)
+    head = create_head("arcface", 16, N_IDS)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    d = create_defense("ppfrfd", seed=0)
+    with pytest.raises(ValueError, match="n_fr"):
+        AlternatingTrainer(model, head, opt, TensorDataset(x, y), d, batch_size=8, n_fr=0)
+    with pytest.raises(ValueError, match="batch_size is required"):
+        AlternatingTrainer(model, head, opt, TensorDataset(x, y), d)
+    with pytest.raises(ValueError, match="largest k"):
+        AlternatingTrainer(model, head, opt, TensorDataset(x, y), create_defense("freq_mixup", k=6, seed=0), batch_size=4)
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        AlternatingTrainer(model, head, opt, TensorDataset(x[:4], y[:4]), d, batch_size=8)
+    tr = AlternatingTrainer(model, head, opt, TensorDataset(x, y), d, batch_size=8, progress=False)
+    with pytest.raises(ValueError, match="exactly one"):
+        tr.fit()
+
+
+# ------------------------------------------------------------------ sampler
+def test_sampler_shards_are_the_single_process_batch_and_resume():
+    single = list(ResumableBatchSampler(50, 8, seed=3))
+    r0 = list(ResumableBatchSampler(50, 4, seed=3, rank=0, world_size=2))
+    r1 = list(ResumableBatchSampler(50, 4, seed=3, rank=1, world_size=2))
+    assert len(single) == len(r0) == len(r1) == 6
+    for s, a, b in zip(single, r0, r1):
+        assert s == a + b
+    s = ResumableBatchSampler(50, 8, seed=3)
+    s.set_epoch(0, 4)
+    assert list(s) == single[4:]
+    s.set_epoch(1)
+    assert list(s) != single and sorted(sum(list(s), [])) != sorted(range(50))  # new order, last batch dropped
+
+
+# ------------------------------------------------------------------ adaptive defense and policy files
+def test_adaptive_defense_release_query_and_policy_file(tmp_path):
+    x, _ = faces()
+    policy = StrategyNet(seed=1, hidden=8)
+    d = create_defense("adaptive", policy=policy, seed=2)
+    released, rec = d.release(x[:8])
+    assert released.shape == (8, 189, SIZE // 8, SIZE // 8)
+    assert set(rec.k.tolist()) <= set(policy.k_values)
+    assert d.query(x[:8]).shape == released.shape
+    save_policy(tmp_path / "policy.pt", policy, masking=d.mask.config, context={"running_loss": 3.0, "progress": 1.0})
+    blob = safe_torch_load(tmp_path / "policy.pt")
+    assert not any("extra_state" in k for k in blob["policy_state"]), "the sampling generator must not be published"
+    loaded, meta = load_policy(tmp_path / "policy.pt", seed=0)
+    ctx = torch.randn(5, 12)
+    assert torch.allclose(loaded.probs(ctx), policy.probs(ctx))
+    d2 = create_defense("adaptive", policy_path=str(tmp_path / "policy.pt"), seed=4)
+    assert d2.running_loss == 3.0 and d2.config["policy_path"].endswith("policy.pt")
+    out, rec2 = d2.release(x[:8])
+    assert out.shape == released.shape and set(rec2.k.tolist()) <= set(policy.k_values)
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError):
+        load_policy(tmp_path / "junk.pt")
+
+
+# ------------------------------------------------------------------ configs
+def test_config_inheritance_overrides_and_errors(tmp_path):
+    (tmp_path / "parent.yaml").write_text("_base_: " + str(REPO / "configs" / "base.yaml") +
+                                          "\ntrain:\n  steps: 7\nmodel:\n  name: tiny_test\n")
+    (tmp_path / "child.yaml").write_text("_base_: parent.yaml\ntrain:\n  n_fr: 3\n")
+    cfg = load_config(tmp_path / "child.yaml", ["data.batch_size=12", "policy.k_values=[2, 4]", "data.train=null"])
+    assert cfg["train"]["steps"] == 7 and cfg["train"]["n_fr"] == 3 and cfg["model"]["name"] == "tiny_test"
+    assert cfg["data"]["batch_size"] == 12 and cfg["policy"]["k_values"] == [2, 4] and cfg["data"]["train"] is None
+    assert cfg["optim"]["lr"] == 0.1   # filled in from base.yaml
+    with pytest.raises(ConfigKeyError) as e:
+        load_config(tmp_path / "child.yaml", ["train.stepz=3"])
+    assert "train.stepz" in str(e.value) and "steps" in str(e.value) and "n_pi" in str(e.value)
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "loop.yaml").write_text("_base_: loop.yaml\n")
+    with pytest.raises(ValueError, match="loop"):
+        load_config(tmp_path / "loop.yaml")
+    with pytest.raises(ValueError, match="dotted.key=value"):
+        load_config(tmp_path / "child.yaml", ["train.steps"])
+
+
+def test_every_shipped_config_loads():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        cfg = load_config(path)
+        if cfg.get("method") == "arl":
+            continue
+        assert cfg["defense"]["name"] and cfg["model"]["name"]
+    ks = [load_config(REPO / "configs" / f"celeba_fixed_k{k}.yaml")["defense"]["args"]["k"] for k in range(2, 7)]
+    assert ks == [2, 3, 4, 5, 6]
+
+
+def test_cli_errors_are_one_clear_line(tmp_path, capsys):
+    assert cli_main(["train", "--config", str(REPO / "configs" / "quickstart.yaml"), "bad.key=1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown config key 'bad'" in err[0] and "train" in err[0] and "model" in err[0]
+    assert cli_main(["train", "--config", str(tmp_path / "nope.yaml")]) == 1
+    assert "config file not found" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ end to end
+TINY = ["data.synthetic.identities=6", "data.synthetic.images_per_identity=6", f"data.synthetic.size={SIZE}",
+        "data.batch_size=8", "eval.synthetic_pairs=40", "eval.synthetic_identities=10",
+        "eval.synthetic_images_per_identity=2", "model.name=tiny_test", "model.args={}", "model.embedding_size=16",
+        "run.mask_seed=1", "train.utility_every=2", "train.log_every=1", "head.name=cosface", "head.s=16",
+        "optim.lr=0.05", "optim.warmup_steps=0"]
+
+
+def test_cli_quickstart_end_to_end(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = cli_main(["train", "--config", str(REPO / "configs" / "quickstart.yaml"), "train.steps=4",
+                   f"run.out_dir={out}"] + TINY)
+    assert rc == 0
+    run = out / "quickstart"
+    for f in ("config.yaml", "model.pt", "policy.pt", "policy.md", "results.json", "ckpt/last.pt"):
+        assert (run / f).is_file(), f
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    res = json.loads((run / "results.json").read_text())
+    assert res["train"]["steps"] == 4 and 0.0 <= res["verification"]["synthetic"]["accuracy"] <= 1.0
+    assert sum(res["train"]["k_hist"].values()) == pytest.approx(1.0)
+    printed = capsys.readouterr().out
+    assert "epoch 1:" in printed and "k-hist" in printed and "verification synthetic" in printed
+    from hybridmask.models import load_model
+    model, head, meta = load_model(run / "model.pt")
+    assert meta["masking"]["drop"] == "dc" and head.num_classes == 6
+    d = create_defense("adaptive", policy_path=str(run / "policy.pt"), seed=0)
+    x, _ = faces()
+    assert model(d.query(x[:4])).shape == (4, 16)
+    # a second invocation resumes (resume: auto) at the end and only re-evaluates
+    assert cli_main(["train", "--config", str(REPO / "configs" / "quickstart.yaml"), "train.steps=4",
+                     f"run.out_dir={out}"] + TINY) == 0
+    assert "resumed from" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_matches_single_process(tmp_path):
+    """torchrun, 2 gloo processes x batch 8 vs one process x batch 16 over the same global batches."""
+    common = ["train.steps=6", "train.n_fr=2", "run.threads=1", "train.ckpt_every=3", "policy.k_values=[2,3]"] + [
+        t for t in TINY if not t.startswith("data.batch_size")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    single = tmp_path / "single"
+    r = subprocess.run([sys.executable, "-m", "hybridmask.cli", "train", "--config", str(REPO / "configs" / "quickstart.yaml"),
+                        f"run.out_dir={single}", "data.batch_size=16", "run.progress=false"] + common,
+                       capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ddp = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "hybridmask.cli", "train", "--config", str(REPO / "configs" / "quickstart.yaml"),
+                        f"run.out_dir={ddp}", "data.batch_size=8", "run.progress=false"] + common,
+                       capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    rs = json.loads((single / "quickstart" / "results.json").read_text())
+    rd = json.loads((ddp / "quickstart" / "results.json").read_text())
+    assert rd["world_size"] == 2 and rd["images_seen"] == rs["images_seen"] == 6 * 16
+    ls = [h["loss"] for h in rs["history"]]
+    ld = [h["loss"] for h in rd["history"]]
+    assert len(ls) == len(ld) == 6
+    # the same global batches: the losses agree step by step up to the per-process mixing partners
+    # and BN statistics (measured: ~10 % apart on average)
+    rel = [abs(d - s_) / s_ for d, s_ in zip(ld, ls)]
+    assert sum(rel) / len(rel) < 0.25, (ls, ld)
+    ck = safe_torch_load(ddp / "quickstart" / "ckpt" / "last.pt")
+    assert len(ck["ranks"]) == 2
+    g0, g1 = (ck["ranks"][i]["defense"]["generator"] for i in range(2))
+    assert not torch.equal(g0, g1), "each process must draw its own masking secrets"
+    # the replicas stayed identical: recognizer (DDP) and policy (decided on the gathered batch)
+    assert ck["ranks"][0]["model_checksum"] == ck["ranks"][1]["model_checksum"]
+    assert ck["ranks"][0]["policy_checksum"] == ck["ranks"][1]["policy_checksum"]
+    assert (ddp / "quickstart" / "policy.pt").is_file() and not list((ddp / "quickstart").glob("*rank1*"))
