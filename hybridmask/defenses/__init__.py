@@ -5,3 +5,6 @@ from .base import (DEFENSES, Defense, FixedKMixUp, FrequencyOnly, InstaHide, NoD
 __all__ = ["DEFENSES", "Defense", "FixedKMixUp", "FrequencyOnly", "InstaHide", "NoDefense", "PPFRFDDefense",
            "create_defense", "list_defenses", "register_defense"]
 from .adaptive import AdaptiveMask, load_policy, save_policy  # noqa: E402,F401  (registers "adaptive")
+from . import arl, dctdp, metrics  # noqa: E402,F401  (registers "arl" and "dctdp")
+from .arl import ARLDefense, train_arl  # noqa: E402,F401
+from .dctdp import DCTDPDefense  # noqa: E402,F401
