@@ -122,6 +122,17 @@ def write_bin(path: PathLike, images_bytes: Sequence[Union[bytes, bytearray]], i
                 raise ValueError(f"write_bin({path}): image {k} is not a decodable image ({type(e).__name__}: {e})") from None
     with atomic_write(path, "wb") as f:
         pickle.dump((images, same), f, protocol=4)
+    _world_readable(path)
+
+
+def _world_readable(path: PathLike) -> None:
+    # the temporary file behind an atomic write is created 0600; give the result the usual mode
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(path, 0o666 & ~umask)
+    except OSError:
+        pass
 
 
 class BinPairs(torch.utils.data.Dataset):

@@ -128,6 +128,8 @@ def _session(model_bytes: bytes, threads: int):
     so.intra_op_num_threads = int(threads)
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    # no busy-waiting between ops: on a shared CPU spinning threads only steal time from others
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
 
 

@@ -64,6 +64,20 @@ def load_recognizer(spec: str, device: Union[str, torch.device, None] = "auto",
             hm = hm.to(dev).eval()
         transform = hm.query
         info["masking"] = {k: v for k, v in masking.items() if k != "seed"}
+    defense = (meta.get("extra") or {}).get("defense") if isinstance(meta.get("extra"), dict) else None
+    if transform is None and isinstance(defense, dict) and defense.get("name") not in (None, "none"):
+        # a defense without a HybridMask (e.g. InstaHide): rebuild its k=1 query from the plain config
+        from hybridmask.defenses import create_defense
+        cfg = dict(defense)
+        d = create_defense(cfg.pop("name"), **cfg)
+        if any(True for _ in d.parameters()):
+            raise ValueError(f"{path}: defense {defense['name']!r} has learned parameters that the model checkpoint "
+                             f"does not hold; evaluate it from its training run")
+        d = d.to(dev).eval()
+        transform = d.query
+        info["defense"] = defense["name"]
+    if transform is None and meta.get("stem") == "freq":
+        raise ValueError(f"{path}: the model takes frequency inputs but the checkpoint has no masking config")
     emb = getattr(model, "embedding_size", None) or meta.get("embedding_size")
     if emb is not None:
         info["embedding_size"] = int(emb)
