@@ -104,8 +104,8 @@ def all_reduce_mean(value: float) -> float:
     if not is_dist():
         return float(value)
     t = torch.tensor([float(value)], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
+    if dist.get_backend() == "nccl":  # nccl reduces device tensors only
+        t = t.to(torch.device("cuda", torch.cuda.current_device()))
     dist.all_reduce(t)
     return float(t.item()) / world_size()
 
