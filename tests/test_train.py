@@ -105,6 +105,30 @@ def test_resume_is_exact(tmp_path, loader_kind):
     assert a.policy_optim.b_mean == pytest.approx(c.policy_optim.b_mean, abs=1e-9)
 
 
+def test_ctrl_c_saves_a_clean_checkpoint_that_resumes_exactly(tmp_path):
+    import signal
+    a = make_trainer(tmp_path / "a", log=False)
+    a.fit(steps=5)
+    b = make_trainer(tmp_path / "b", total=5, log=False)
+    real_step = b.step
+
+    def step_then_interrupt(batch):
+        out = real_step(batch)
+        if b.global_step == 2:
+            os.kill(os.getpid(), signal.SIGINT)   # arrives mid-run, handled after the step
+        return out
+    b.step = step_then_interrupt
+    with pytest.raises(KeyboardInterrupt):
+        b.fit(steps=5)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    c = make_trainer(tmp_path / "c", log=False)
+    c.load_checkpoint(tmp_path / "b" / "ckpt" / "last.pt")
+    assert c.global_step == 2
+    c.fit(steps=5)
+    for pa, pc in zip(params(a.model, a.head, a.policy), params(c.model, c.head, c.policy)):
+        assert torch.allclose(pa, pc, atol=1e-6, rtol=0)
+
+
 def test_resume_detects_missing_parts(tmp_path):
     a = make_trainer(tmp_path / "a", log=False)
     a.fit(steps=1)
@@ -154,6 +178,26 @@ def test_trainer_rejects_bad_arguments(tmp_path):
     tr = AlternatingTrainer(model, head, opt, TensorDataset(x, y), d, batch_size=8, progress=False)
     with pytest.raises(ValueError, match="exactly one"):
         tr.fit()
+
+
+def test_bn_warmup_keeps_eval_mode_statistics_right_after_a_short_run(tmp_path):
+    x, y = faces()
+    d = create_defense("ppfrfd", shuffle="key", seed=0)
+    enc = d.query(x)
+    true_var = enc.var(dim=(0, 2, 3), unbiased=False)
+    ratios = {}
+    for warm in (True, False):
+        torch.manual_seed(0)
+        model = create_model("tiny_test", stem="freq", in_chans=189, grid=4, embedding_size=16, input_norm=True)
+        head = create_head("cosface", 16, N_IDS, s=16.0)
+        opt = torch.optim.SGD(list(model.parameters()) + list(head.parameters()), lr=0.01)
+        tr = AlternatingTrainer(model, head, opt, TensorDataset(x, y), d, batch_size=12, progress=False,
+                                bn_warmup=warm, utility_every=0, log_every=0)
+        tr.fit(steps=3)
+        ratios[warm] = float((model.stem[0].running_var / true_var).median())
+        assert all(m.momentum == 0.1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert 0.5 < ratios[True] < 2.0          # the exact average of the 3 batches' variances
+    assert ratios[False] > 3 * ratios[True]    # plain EMA still remembers running_var = 1
 
 
 # ------------------------------------------------------------------ sampler

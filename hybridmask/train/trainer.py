@@ -34,6 +34,7 @@ generator, and logging, evaluation and checkpoint files are written by rank 0 on
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -59,6 +60,30 @@ from .sampler import ResumableBatchSampler, epoch_seed
 CKPT_FORMAT = "hybridmask.trainer"
 CKPT_VERSION = 1
 MAX_EVAL_BATCH = 128
+
+
+class _GracefulStop:
+    """While training, the first Ctrl-C (SIGINT) only sets a flag so the trainer can finish the
+    step and write a clean checkpoint; a second one interrupts at once."""
+
+    def __init__(self, enabled: bool):
+        import signal
+        import threading
+        self.requested = False
+        self._old = None
+        if enabled and threading.current_thread() is threading.main_thread():
+            self._signal = signal
+            self._old = signal.signal(signal.SIGINT, self._handler)
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self) -> None:
+        if self._old is not None:
+            self._signal.signal(self._signal.SIGINT, self._old)
+            self._old = None
 
 
 class _FRLoss(nn.Module):
@@ -150,6 +175,9 @@ class AlternatingTrainer:
         grad_clip: max gradient norm of the recognizer (None: no clipping).
         calibrate_policy: standardise the policy's inputs with the first batch's context.
         total_steps: planned number of steps (for the ``progress`` context feature; set by ``fit``).
+        bn_warmup: BatchNorm running statistics are exact averages over the first ``1/momentum``
+            batches (instead of an EMA from running_var = 1), so eval-mode embeddings are right
+            after a short run.
     """
 
     def __init__(self, model: nn.Module, head: nn.Module, optimizer: torch.optim.Optimizer, loader, defense,
@@ -161,7 +189,7 @@ class AlternatingTrainer:
                  batch_size: Optional[int] = None, num_workers: int = 0, log_every: int = 10,
                  grad_clip: Optional[float] = None, hflip: bool = False, progress: bool = True,
                  calibrate_policy: bool = True, total_steps: Optional[int] = None,
-                 running_loss_momentum: float = 0.9, utility_limit: int = 512):
+                 running_loss_momentum: float = 0.9, utility_limit: int = 512, bn_warmup: bool = True):
         for name, v in (("n_fr", n_fr), ("n_pi", n_pi), ("utility_every", utility_every), ("eval_every", eval_every),
                         ("ckpt_every", ckpt_every), ("log_every", log_every)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -232,6 +260,8 @@ class AlternatingTrainer:
         self.last_eval: Dict[str, float] = {}
         self.last_policy_stats: Dict[str, float] = {}
         self._calibrated = False
+        self.bn_warmup = bool(bn_warmup)
+        self._bn_modules = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self._writer = None
         self._resumed_at: Optional[int] = None
         self._reset_window()
@@ -367,7 +397,8 @@ class AlternatingTrainer:
         masked, rec, k_all, cache = self._release(images)
         y, w = self._labels(rec, labels)
         self.net.train()
-        loss_vec = self.net(masked, y, w)
+        with self._bn_warmup():
+            loss_vec = self.net(masked, y, w)
         loss = loss_vec.mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -401,6 +432,30 @@ class AlternatingTrainer:
         if self.ckpt_every and self.ckpt_dir is not None and self.global_step % self.ckpt_every == 0:
             self.save_checkpoint()
         return out
+
+    @contextlib.contextmanager
+    def _bn_warmup(self):
+        """BatchNorm running statistics start as exact averages of the batches seen (factor 1/n)
+        until the EMA factor takes over (n >= 1/momentum), instead of an EMA from the initial
+        running_var = 1. Short runs (and the input BN of the frequency stem, whose channels have
+        variances far below 1) would otherwise carry the initial value into eval mode and
+        collapse every embedding to one point. The model's momentum is restored after the step."""
+        if not self.bn_warmup:
+            yield
+            return
+        saved = []
+        for m in self._bn_modules:
+            mom = m.momentum
+            if mom is not None and m.training and m.track_running_stats:
+                n = int(m.num_batches_tracked)
+                if n + 1 < 1.0 / mom:
+                    saved.append((m, mom))
+                    m.momentum = 1.0 / (n + 1)
+        try:
+            yield
+        finally:
+            for m, mom in saved:
+                m.momentum = mom
 
     def _policy_steps(self, images, labels, cache) -> Dict[str, float]:
         encoded, ctx = cache
@@ -605,9 +660,14 @@ class AlternatingTrainer:
         it = self.batches()
         bar = tqdm(total=steps, initial=min(self.global_step, steps), desc="train", unit="step",
                    disable=not (self.main and self.progress), dynamic_ncols=True)
+        stop = _GracefulStop(enabled=self.ckpt_dir is not None and not D.is_dist())
         try:
             while self.global_step < steps:
                 out = self.step(next(it))
+                if stop.requested:   # Ctrl-C: finish the step, save a clean checkpoint, then stop
+                    path = self.save_checkpoint()
+                    tqdm.write(f"interrupted at step {self.global_step}: state saved to {path}")
+                    raise KeyboardInterrupt
                 post = OrderedDict(loss=f"{self.running_loss:.3f}")
                 if self.last_utility is not None:
                     post["U"] = f"{self.last_utility:.2f}"
@@ -618,6 +678,7 @@ class AlternatingTrainer:
                 bar.set_postfix(post, refresh=False)
                 bar.update(1)
         finally:
+            stop.restore()
             bar.close()
         if self._win_n and self.log_every:
             self._log()
@@ -696,9 +757,14 @@ class AlternatingTrainer:
             if (obj is None) != (state.get(key) is None):
                 raise ValueError(f"checkpoint and trainer disagree on the {what}: the checkpoint "
                                  f"{'has' if state.get(key) is not None else 'has no'} {what} state")
-        self.model.load_state_dict(state["model"])
-        self.head.load_state_dict(state["head"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.head.load_state_dict(state["head"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"the checkpoint does not fit this model/head/optimizer ({first}); start a fresh "
+                             f"run (another run.name, or run.resume=null)") from e
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.policy_optim is not None:
