@@ -30,7 +30,9 @@ change, the victim stays, so combining the T encodings of one source cancels the
      the BDCT. If the channel order is secret, the zero-filled ``defense.as_image`` is used.
    * ``combine="decoded"`` (the only option with a fresh secret shuffle per sample, where a
      channel of one encoding has nothing to do with the same channel of another): decode each
-     encoding to an image (generator or ``as_image``) and solve in the image domain.
+     encoding to an image (generator or ``as_image``) and solve in the image domain. The
+     de-biasing ``mu + k (m - mu)`` assumes a linear decoding; with a generator the plain group
+     mean is used (``debias="auto"``).
    * ``"auto"`` picks ``release`` unless the defense shuffles per sample.
 """
 from __future__ import annotations
@@ -63,6 +65,8 @@ class DemixAttack(Attack):
         Param("generator", "any", None, optional=True,
               doc="a fitted cgan attack (or callable release -> image) to decode with"),
         Param("n_images", int, 1500, range=(2, None), optional=True, doc="public faces used (None: all)"),
+        Param("debias", str, "auto", choices=("auto", "on", "off"),
+              doc="apply mu + k (mean - mu) (auto: only where the decoding is linear; a generator is not)"),
         Param("max_iter", int, 50, range=(1, 10_000), doc="k-means iterations for grouping='cluster'"),
     )
 
@@ -130,8 +134,13 @@ class DemixAttack(Attack):
                 self.mu_decoded = self._decode_each(q).mean(0, keepdim=True)
             if dec == "lstsq":
                 self.mu_bdct = self.defense.mask.bdct(self.public).mean(0, keepdim=True)
+        deb = p["debias"]
+        if deb == "auto":
+            deb = "off" if (self.combine_domain == "decoded" and self.decoder == "generator") else "on"
+        self.debias = deb == "on"
         self.fitted = True
-        self.info = {"k_assumed": self.k, "combine": self.combine_domain, "decoder": self.decoder}
+        self.info = {"k_assumed": self.k, "combine": self.combine_domain, "decoder": self.decoder,
+                     "debias": self.debias}
         return self
 
     def _lstsq_possible(self) -> bool:
@@ -179,13 +188,13 @@ class DemixAttack(Attack):
             d = enc.abs() if self.sign_flip else enc
             means = torch.stack([d[groups == i].mean(0) if (groups == i).any() else self.mu_release[0]
                                  for i in range(n)])
-            est = self.mu_release + k * (means - self.mu_release)
+            est = self.mu_release + k * (means - self.mu_release) if self.debias else means
             img = self._release_to_image(est)
         else:
             dec = self._decode_each(enc)
             means = torch.stack([dec[groups == i].mean(0) if (groups == i).any() else self.mu_decoded[0]
                                  for i in range(n)])
-            img = self.mu_decoded + k * (means - self.mu_decoded)
+            img = self.mu_decoded + k * (means - self.mu_decoded) if self.debias else means
         img = img.clamp(-1, 1).cpu()
         if self.params["grouping"] == "cluster":
             # evaluation alignment only: the attacker outputs one face per cluster; each victim is

@@ -40,7 +40,7 @@ class GMIAttack(Attack):
               doc="target classifier: query output (B, C, g, g) -> logits (B, n_classes)"),
         Param("gan_epochs", int, 10, range=(1, 100_000), doc="DCGAN training epochs"),
         Param("n_images", int, 1500, range=(2, None), optional=True, doc="public faces for the GAN (None: all)"),
-        Param("batch_size", int, 64, range=(2, 4096), doc="DCGAN mini-batch"),
+        Param("batch_size", int, 16, range=(2, 4096), doc="DCGAN mini-batch (small batches = more steps on a small set)"),
         Param("nz", int, 64, range=(2, 1024), doc="latent dimension"),
         Param("width", int, 16, range=(4, 256), doc="DCGAN base width"),
         Param("lr", float, 2e-4, range=(1e-7, 1.0), doc="DCGAN learning rate (Adam, betas 0.5, 0.999)"),

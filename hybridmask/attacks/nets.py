@@ -39,11 +39,13 @@ class SetStem(nn.Module):
     pooled over channels (mean and max), so any permutation of the channels gives the same output.
     """
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, features: int = 8, layers: int = 1):
         super().__init__()
-        f = max(8, width // 2)
-        self.per_channel = nn.Sequential(nn.Conv2d(1, f, 3, 1, 1), nn.LeakyReLU(0.2, inplace=True),
-                                         nn.Conv2d(f, f, 3, 1, 1), nn.LeakyReLU(0.2, inplace=True))
+        f = int(features)
+        mods = [nn.Conv2d(1, f, 3, 1, 1), nn.LeakyReLU(0.2, inplace=True)]
+        for _ in range(layers - 1):
+            mods += [nn.Conv2d(f, f, 3, 1, 1), nn.LeakyReLU(0.2, inplace=True)]
+        self.per_channel = nn.Sequential(*mods)
         self.out = nn.Sequential(nn.Conv2d(2 * f, width, 1), nn.LeakyReLU(0.2, inplace=True))
 
     def forward(self, x):
