@@ -270,7 +270,7 @@ class ARLDecoder(nn.Module):
 
 
 class PatchDiscriminator(nn.Module):
-    """Small PatchGAN: (B, 3, S, S) -> (B, 1, s, s) real/fake logits."""
+    """Small PatchGAN: (B, 3, S, S) -> (B, 1, S/8, S/8) real/fake logits (three stride-2 4x4 convs)."""
 
     def __init__(self, width: int = 16):
         super().__init__()
@@ -278,8 +278,8 @@ class PatchDiscriminator(nn.Module):
         self.net = nn.Sequential(
             nn.Conv2d(3, w, 4, 2, 1), nn.LeakyReLU(0.2, True),
             nn.Conv2d(w, 2 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * w), nn.LeakyReLU(0.2, True),
-            nn.Conv2d(2 * w, 4 * w, 4, 1, 1, bias=False), nn.BatchNorm2d(4 * w), nn.LeakyReLU(0.2, True),
-            nn.Conv2d(4 * w, 1, 4, 1, 1))
+            nn.Conv2d(2 * w, 4 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(4 * w), nn.LeakyReLU(0.2, True),
+            nn.Conv2d(4 * w, 1, 3, 1, 1))
 
     def forward(self, x):
         return self.net(x)
@@ -695,7 +695,8 @@ class ARLDefense(Defense):
     ``as_image="decoder"`` shows ``Dec(z)`` through the defense's own decoder (the adversary ARL
     trained against; for an untrained model that is noise); ``"blank"`` returns a grey image
     (zeros), i.e. "z is not a picture".
-    ``input_kind`` is ``"feature"``: z is neither pixels nor BDCT coefficients.
+    ``input_kind`` is ``"feature"``: z is neither pixels nor BDCT coefficients. ``seed`` is accepted
+    for interface uniformity and unused (the release is deterministic; ARL draws no secrets).
     """
     name = "arl"
     input_kind = "feature"
@@ -912,8 +913,8 @@ def prepare_data(cfg: Dict[str, Any], seed: int, progress: bool = True
     else:
         raise ValueError(f"data.task must be one of {TASKS}, got {task!r}")
     info.update(num_private=len(priv), num_public=len(pub), num_test=len(test),
-                private_identities=len(set(priv.identities.tolist())), public_identities=len(set(pub.identities.tolist())),
-                test_identities=len(set(test.identities.tolist())))
+                private_identities=len(set(priv.identities.tolist())),
+                public_identities=len(set(pub.identities.tolist())), test_identities=len(set(test.identities.tolist())))
     return priv, pub, test, info
 
 
@@ -939,8 +940,8 @@ DEFAULTS: Dict[str, Any] = {
               "weight_decay": 5e-4, "init_checkpoint": None, "resume": False},
     "attack": {"steps": 600, "batch_size": 32, "mu1": 0.01, "mu2": 1.0, "lr": 2e-4, "seed": 1,
                "feature_attack_steps": 300},
-    "eval": {"sface": True, "tsne": False, "tsne_attributes": ["Male", "Smiling"], "batch_size": 64,
-             "save_examples": True},
+    "eval": {"enabled": True, "sface": True, "sface_all": False, "tsne": False,
+             "tsne_attributes": ["Male", "Smiling"], "batch_size": 64, "save_examples": True},
 }
 
 
@@ -1048,8 +1049,9 @@ def train_fresh_attacker(net: ARLNet, perceptual: Optional[PerceptualNet], publi
 
 
 def evaluate_privacy(net: ARLNet, decoder: ARLDecoder, test: Split, device, bs: int, sface=None,
-                     sface_orig: Optional[torch.Tensor] = None) -> Dict[str, float]:
-    """SSIM / PSNR / face similarity of ``decoder``'s reconstructions of the test faces."""
+                     sface_orig: Optional[torch.Tensor] = None) -> Tuple[Dict[str, float], torch.Tensor]:
+    """SSIM / PSNR / face similarity of ``decoder``'s reconstructions of the test faces (and the
+    reconstructions, (N, 3, 112, 112))."""
     from .metrics import face_similarity, ssim_psnr
 
     z = _encode(net.encoder, test.images, device, bs)
@@ -1073,6 +1075,8 @@ def train_arl(config: Dict[str, Any]) -> Dict[str, Any]:
     over identities, a FRESH attacker decoder trained on public data against the frozen encoder
     (SSIM, PSNR, SFace face similarity), the ARL's own decoder, the feature-level attack ``M``, the
     resolution ceiling, an optional t-SNE plot. Results go to ``output_dir/results.json``.
+    ``train.resume`` restores weights, optimizers and the private batch order; public batches are
+    drawn afresh.
     """
     from tqdm import tqdm
 
@@ -1179,6 +1183,12 @@ def train_arl(config: Dict[str, Any]) -> Dict[str, Any]:
 
     # ------------------------------------------------------------------ evaluation
     t1 = time.time()
+    if not ev["enabled"]:
+        results = {"name": cfg["name"], "task": info["task"], "history": history, "checkpoint": str(ckpt_path),
+                   "train_time_s": round(train_time, 1), "evaluated": False}
+        with atomic_write(out_dir / "results.json", "w") as f:
+            json.dump(_plain(results), f, indent=2)
+        return results
     ebs = int(ev["batch_size"])
     results: Dict[str, Any] = {"name": cfg["name"], "task": info["task"], "data": {k: v for k, v in info.items()
                                                                                     if k != "attribute_names"},
@@ -1202,12 +1212,13 @@ def train_arl(config: Dict[str, Any]) -> Dict[str, Any]:
     attacker = train_fresh_attacker(net, g, pub, device, int(at["steps"]), int(at["batch_size"]), float(at["mu1"]),
                                     float(at["mu2"]), float(at["lr"]), int(at["seed"]), progress)
     results["attack"], rec_att = evaluate_privacy(net, attacker, test, device, ebs, sface, sface_orig)
-    results["own_decoder"], rec_own = evaluate_privacy(net, net.decoder, test, device, ebs, sface, sface_orig)
+    extra_sface = sface if ev["sface_all"] else None
+    results["own_decoder"], rec_own = evaluate_privacy(net, net.decoder, test, device, ebs, extra_sface, sface_orig)
     orig = to_float(test.images)
     ceil = resize(resize(orig, net.config["input_size"]), OUT_SIZE).clamp(-1, 1)
     s, p = ssim_psnr(ceil, orig)
     results["resolution_ceiling"] = {"ssim": s, "psnr": p}
-    if sface is not None:
+    if extra_sface is not None:
         from .metrics import face_similarity
         results["resolution_ceiling"]["face_sim"] = face_similarity(ceil, orig, sface, sface_orig)
 
