@@ -115,9 +115,9 @@ def test_sface_real_lfw_subset(sface, faces_root):
     assert s[y].mean() - s[~y].mean() > 0.3
 
 
-def test_eval_cli_sface_synthetic_or_lfw(sface, faces_root, tmp_path, capsys):
+def test_eval_cli_sface_lfw(sface, faces_root, tmp_path, capsys):
     from hybridmask.cli import main
-    rc = main(["eval", "--model", "sface", "--targets", "lfw", "--data", str(faces_root), "--max-pairs", "20",
+    rc = main(["eval", "--model", "sface", "--targets", "lfw", "--data", str(faces_root), "--max-pairs", "10",
                "--no-flip", "--quiet", "--out", str(tmp_path / "r.json")])
     assert rc == 0
     out = capsys.readouterr().out

@@ -185,16 +185,22 @@ def plot_roc(results: Mapping, path: Union[str, os.PathLike], title: str = "ROC"
     fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=120)
     try:
         lo = 1.0
+        for roc in curves.values():
+            fpr = np.asarray(roc["fpr"])
+            if (fpr > 0).any():
+                lo = min(lo, fpr[fpr > 0].min())
+        xmin = max(lo / 2, 1e-6)
         for name, roc in curves.items():
             fpr, tpr = np.asarray(roc["fpr"]), np.asarray(roc["tpr"])
-            pos = fpr > 0
-            if pos.any():
-                lo = min(lo, fpr[pos].min())
+            # log axis: the zero-FAR part of the curve starts at the left edge with its best TAR
+            zero = fpr <= 0
+            x = np.r_[xmin, fpr[~zero]]
+            y = np.r_[tpr[zero].max() if zero.any() else 0.0, tpr[~zero]]
             auc = results[name].get("auc")
             label = f"{name} (AUC {auc:.4f})" if auc is not None else str(name)
-            ax.step(np.clip(fpr, lo / 2, 1), tpr, where="post", label=label)
+            ax.step(x, y, where="post", label=label)
         ax.set_xscale("log")
-        ax.set_xlim(max(lo / 2, 1e-6), 1)
+        ax.set_xlim(xmin, 1)
         ax.set_ylim(0, 1.01)
         ax.set_xlabel("false accept rate")
         ax.set_ylabel("true accept rate")
