@@ -7,7 +7,6 @@ scores the pairs.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np

@@ -1,7 +1,6 @@
 """Resolve a ``--model`` spec to an embedding function (and its query transform)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple, Union
 
