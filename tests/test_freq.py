@@ -359,3 +359,15 @@ def test_real_faces_masked_view_is_destroyed_full_inverse_exact(faces_root):
     plain = HybridMask(u=1, drop="dc", shuffle="none", mix="none")
     s_plain = [ssim(plain.as_image(plain.query(x[i:i + 1]))[0], x[i]) for i in range(8)]
     assert sum(s_plain) / 8 > sum(s_masked[:8]) / 8
+
+
+@pytest.mark.parametrize("u", [1, 2])
+@pytest.mark.parametrize("shuffle,mix", [("sample", "neighbour"), ("key", "none"), ("none", "neighbour")])
+def test_fused_encode_equals_the_step_by_step_pipeline(u, shuffle, mix):
+    """encode() folds colour, DCT, selection, shuffle and mix into one per-sample matrix product;
+    it must equal BDCT followed by PPFR-FD with the same secret draws."""
+    x = rand_images(3, dtype=torch.float64)
+    a = HybridMask(u=u, shuffle=shuffle, mix=mix, seed=7)
+    b = HybridMask(u=u, shuffle=shuffle, mix=mix, seed=7)
+    assert torch.allclose(a.encode(x), b.ppfrfd(b.bdct(x)), atol=1e-10)
+    assert torch.allclose(a.encode(x.float()), b.ppfrfd(b.bdct(x.float())), atol=1e-4)

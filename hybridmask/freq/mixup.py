@@ -200,6 +200,23 @@ class FreqMixUp(nn.Module):
                 f"(k must be <= batch size {b} when partners come from the batch, or <= pool size + 1)")
         return kt
 
+    @staticmethod
+    def _mix_in_batch(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+                      groups_of: Optional[torch.Tensor]) -> torch.Tensor:
+        """Mixing within the batch is linear: ``out = W @ x`` with a sparse (B, B) mixing matrix (k
+        non-zeros per row), or one such matrix per channel for band/channel weights. One GEMM reads
+        ``x`` once, instead of a gather, a scale and an add per partner."""
+        b, c, h, wd = x.shape
+        rows = torch.arange(b, device=x.device).unsqueeze(1).expand_as(idx)
+        if groups_of is None:
+            m = x.new_zeros(b, b).index_put_((rows, idx), w, accumulate=True)  # padding repeats the anchor with 0
+            return torch.matmul(m, x.reshape(b, -1)).reshape(b, c, h, wd)
+        m = x.new_zeros(c, b, b)
+        chan = torch.arange(c, device=x.device).view(1, 1, c).expand(b, idx.shape[1], c)
+        m.index_put_((chan, rows.unsqueeze(2).expand_as(chan), idx.unsqueeze(2).expand_as(chan)), w, accumulate=True)
+        xt = x.reshape(b, c, h * wd).transpose(0, 1)                   # (C, B, hw)
+        return torch.bmm(m, xt).transpose(0, 1).reshape(b, c, h, wd)
+
     def group_index(self, channels: int, bands: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """Map each channel to its weight group (None for image granularity)."""
         if self.granularity == "image":
@@ -240,17 +257,18 @@ class FreqMixUp(nn.Module):
             wc = w[:, :, groups_of]                        # (B, K, C)
             label_w = wc.mean(dim=2)
         wdev = wc.to(device=x.device, dtype=x.dtype)
-        out = x * (wdev[:, 0].view(b, 1, 1, 1) if groups_of is None else wdev[:, 0].view(b, c, 1, 1))
         idx_dev = idx.to(x.device)
-        for j in range(1, kmax):
-            if pool is None:
-                src = x.index_select(0, idx_dev[:, j])
-            elif isinstance(pool, torch.Tensor):
-                src = pool.index_select(0, idx_dev[:, j].to(pool.device)).to(x.device, x.dtype)
-            else:
-                src = pool(idx[:, j]).to(x.device, x.dtype)
-            wj = wdev[:, j].view(b, 1, 1, 1) if groups_of is None else wdev[:, j].view(b, c, 1, 1)
-            out = out + wj * src
+        if pool is None:
+            out = self._mix_in_batch(x, idx_dev, wdev, groups_of)
+        else:
+            out = x * (wdev[:, 0].view(b, 1, 1, 1) if groups_of is None else wdev[:, 0].view(b, c, 1, 1))
+            for j in range(1, kmax):
+                if isinstance(pool, torch.Tensor):
+                    src = pool.index_select(0, idx_dev[:, j].to(pool.device)).to(x.device, x.dtype)
+                else:
+                    src = pool(idx[:, j]).to(x.device, x.dtype)
+                wj = wdev[:, j].view(b, 1, 1, 1) if groups_of is None else wdev[:, j].view(b, c, 1, 1)
+                out = out + wj * src
         label_w = label_w / label_w.sum(dim=1, keepdim=True)
         record = MixRecord(indices=idx, weights=wc.to(x.dtype), label_weights=label_w.to(x.dtype),
                            k=kt, source="pool" if pool is not None else "batch", granularity=self.granularity)

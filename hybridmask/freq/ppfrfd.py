@@ -71,11 +71,21 @@ class PPFRFD(nn.Module):
         """Shuffle and mix already-selected channels ``(B, C_kept, h, w)``."""
         perm = self.permutations(kept.shape[0])
         if perm is not None:
-            b, c, h, w = kept.shape
-            kept = torch.gather(kept, 1, perm.to(kept.device).view(b, c, 1, 1).expand(b, c, h, w))
+            rows = torch.arange(kept.shape[0], device=kept.device).unsqueeze(1)
+            kept = kept[rows, perm.to(kept.device)]  # per-sample channel permutation (copies h*w planes)
         if self.mix == "neighbour":
             kept = (kept + torch.roll(kept, shifts=-1, dims=1)) / math.sqrt(2.0)
         return kept
+
+    def scramble_rows(self, matrix: torch.Tensor, batch: int) -> torch.Tensor:
+        """Apply this batch's secret shuffle-and-mix to the rows of a ``(C_kept, N)`` linear map, giving
+        the ``(B or 1, C_kept, N)`` per-sample maps. Draws exactly what :meth:`scramble` would draw, so
+        ``scramble_rows(W) @ v == scramble(W @ v)``."""
+        perm = self.permutations(batch)
+        m = matrix.unsqueeze(0) if perm is None else matrix[perm.to(matrix.device)]
+        if self.mix == "neighbour":
+            m = (m + torch.roll(m, shifts=-1, dims=1)) / math.sqrt(2.0)
+        return m
 
     def forward(self, freq: torch.Tensor) -> torch.Tensor:
         return self.scramble(self.select(freq))
