@@ -46,7 +46,7 @@ class EmbeddingInversion(Attack):
         Param("n_images", int, 1500, range=(2, None), optional=True, doc="public faces used (None: all)"),
         Param("batch_size", int, 32, range=(2, 4096), doc="decoder mini-batch"),
         Param("size", int, 64, choices=(32, 64, 128), doc="decoder output resolution (up-sampled to 112)"),
-        Param("width", int, 32, range=(4, 512), doc="decoder base width"),
+        Param("width", int, 16, range=(4, 512), doc="decoder base width"),
         Param("lr", float, 1e-3, range=(1e-7, 10.0), doc="decoder learning rate (Adam)"),
         Param("opt_lr", float, 0.05, range=(1e-7, 10.0), doc="optimisation learning rate (Adam on tanh-space pixels)"),
         Param("steps", int, 200, range=(1, 100_000), doc="optimisation steps (method='optimize')"),
