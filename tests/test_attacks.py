@@ -366,3 +366,36 @@ def test_cgan_tells_no_defense_from_noise_on_real_faces(small_real, sface, tmp_p
     assert none["score_pp"] < noise["score_pp"] - 0.3
     assert (tmp_path / "none_cgan.png").is_file()
     assert "| none | cgan |" in markdown_table(list(res.values()))
+
+
+def test_cli_errors_are_one_line(capsys, tmp_path):
+    from hybridmask.cli import main
+    assert main(["attack", "--defense", "none", "--attacks", "foo", "--data", str(tmp_path), "--out", str(tmp_path)]) == 1
+    assert "unknown attack 'foo'" in capsys.readouterr().err
+    assert main(["attack", "--defense", "none"]) == 1
+    assert "--data" in capsys.readouterr().err
+    assert main(["attack", "--defense", "none", "--defense-arg", "k", "--data", str(tmp_path),
+                 "--out", str(tmp_path)]) == 1
+    assert "key=value" in capsys.readouterr().err
+    assert main(["attack", "--defense", "none", "--attack-arg", "demix.T=2", "--data", str(tmp_path),
+                 "--out", str(tmp_path)]) == 1
+    assert "not run" in capsys.readouterr().err
+    assert main(["attack", "--list"]) == 0 and "demix" in capsys.readouterr().out
+
+
+@pytest.mark.realdata
+def test_cli_end_to_end_on_real_faces(faces_root, sface, tmp_path):
+    from hybridmask.cli import main
+    out = tmp_path / "run"
+    rc = main(["attack", "--defense", "freq_mixup", "--defense-arg", "k=2", "--attacks", "cgan,demix",
+               "--attack-arg", "cgan.epochs=1", "--attack-arg", "cgan.width=4", "--attack-arg", "cgan.size=32",
+               "--attack-arg", "cgan.disc_width=4", "--attack-arg", "demix.T=2", "--data", str(faces_root),
+               "--victims", "celeba_heldout", "--n-victims", "4", "--n-distractors", "4", "--n-public", "16",
+               "--out", str(out), "--quiet"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["attacks"]) == {"cgan", "demix"}
+    for a in res["attacks"].values():
+        assert -1 <= a["ssim"]["mean"] <= 1 and 0 <= a["rank1"] <= 1 and 0 <= a["score_pp"] <= 2
+    assert (out / "results.md").read_text().count("| freq_mixup |") == 3
+    assert (out / "grids" / "freq_mixup_cgan.png").is_file()

