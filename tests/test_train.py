@@ -82,6 +82,14 @@ def test_two_steps_write_tensorboard_and_checkpoint(tmp_path):
     tags = set(ea.Tags()["scalars"])
     assert {"train/fr_loss", "policy/mu", "utility/identification", "train/throughput_img_s"} <= tags
     assert any(t.startswith("k/frac_k") for t in tags) and "k/hist" in ea.Tags()["histograms"]
+    # a restarted run in the same folder replaces the old curve instead of interleaving with it
+    tr2 = make_trainer(tmp_path)
+    tr2.fit(steps=4)
+    tr2.close()
+    ea = EventAccumulator(str(tmp_path / "tb"))
+    ea.Reload()
+    steps = [e.step for e in ea.Scalars("train/fr_loss")]
+    assert steps == [2, 4], steps
 
 
 @pytest.mark.parametrize("loader_kind", ["loader", "dataset"])

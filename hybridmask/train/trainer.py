@@ -551,8 +551,9 @@ class AlternatingTrainer:
         if self._writer is None and self.main and self.log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            kw = {"purge_step": self._resumed_at} if self._resumed_at else {}
-            self._writer = SummaryWriter(str(self.log_dir), **kw)
+            # purge_step: TensorBoard drops events of an earlier (interrupted or restarted) run in
+            # this folder from this step on, so a resumed or restarted run shows one clean curve
+            self._writer = SummaryWriter(str(self.log_dir), purge_step=int(self._resumed_at or 0))
         return self._writer
 
     def _reset_window(self) -> None:
