@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import List, Optional
+
+# before any subcommand imports torch: spinning OpenMP waits make torch up to 10x slower on shared cores
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # name -> (module, one-line help)
 SUBCOMMANDS = {
