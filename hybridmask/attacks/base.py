@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -207,6 +207,17 @@ class Attack:
                              f"defense; use mode='blackbox' for this defense")
         seed = int(torch.randint(0, 2**62, (1,), generator=self.generator).item())
         return create_defense(name, seed=seed, **config)
+
+    def begin_fit(self, defense, public_images: torch.Tensor) -> torch.Tensor:
+        """The common start of ``fit``: validate the defense and the public faces, take the attacker's
+        view of the defense (``self.defense``), record the victim's config (``self.victim_config``)
+        and return the public faces to train on (``n_images`` of them, when the attack declares it)."""
+        check_defense(defense)
+        check_faces(public_images, "public_images", min_count=2)
+        self.defense = self.attacker_defense(defense)
+        self.victim_config = dict(getattr(defense, "config", {}) or {})
+        imgs, _ = subsample(public_images, self.params.get("n_images"), self.generator)
+        return imgs
 
     # ---- protocol ------------------------------------------------------------------------------
     def fit(self, defense, public_images: torch.Tensor, public_labels: Optional[torch.Tensor] = None) -> "Attack":

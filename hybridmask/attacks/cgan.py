@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import (FACE_SIZE, Attack, Param, batched, check_defense, check_faces, iterate_minibatches,
-                   register_attack, resize, subsample, tqdm_or_none)
+                   register_attack, resize, tqdm_or_none)
 from .nets import PatchDiscriminator, UNetGenerator
 
 
@@ -101,13 +101,9 @@ class CGANAttack(Attack):
 
     # ---- fit -------------------------------------------------------------------------------------
     def fit(self, defense, public_images, public_labels=None):
-        check_defense(defense)
-        check_faces(public_images, "public_images", min_count=2)
         p = self.params
-        self.defense = self.attacker_defense(defense)
-        self.victim_config = dict(getattr(defense, "config", {}) or {})
+        imgs = self.begin_fit(defense, public_images)
         self._abs = self._use_abs(defense)
-        imgs, _ = subsample(public_images, p["n_images"], self.generator)
         n = imgs.shape[0]
         bs = min(p["batch_size"], n)
         if p["target"] == "release":

@@ -11,7 +11,6 @@ checkpoint (the adaptive defense). Writes ``results.json``, ``results.md`` and P
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Tuple

@@ -38,13 +38,12 @@ change, the victim stays, so combining the T encodings of one source cancels the
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import torch
 import torch.nn.functional as F
 
-from .base import (FACE_SIZE, Attack, Param, batched, check_defense, check_faces, register_attack,
-                   subsample)
+from .base import FACE_SIZE, Attack, Param, batched, check_defense, check_faces, register_attack
 
 
 @register_attack("demix")
@@ -98,11 +97,9 @@ class DemixAttack(Attack):
 
     # ---- fit -------------------------------------------------------------------------------------
     def fit(self, defense, public_images, public_labels=None):
-        check_defense(defense)
-        check_faces(public_images, "public_images", min_count=2)
         p = self.params
-        self.defense = self.attacker_defense(defense)
-        self.cfg = dict(getattr(defense, "config", {}) or {})
+        self.public = self.begin_fit(defense, public_images)
+        self.cfg = self.victim_config
         self.defense_kind = getattr(defense, "input_kind", "pixel")
         if p["k"] is not None:
             self.k = p["k"]
@@ -111,7 +108,6 @@ class DemixAttack(Attack):
         else:
             raise ValueError("black-box demix needs k (the attacker's assumption of how many faces are mixed)")
         self.sign_flip = self.cfg.get("name") == "instahide"
-        self.public, _ = subsample(public_images, p["n_images"], self.generator)
         combine = p["combine"]
         if combine == "auto":
             combine = "decoded" if self._shuffles_per_sample() else "release"

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import (FACE_SIZE, Attack, Param, batched, check_defense, check_faces, differentiable_query,
-                   iterate_minibatches, register_attack, resize, subsample, tqdm_or_none)
+                   iterate_minibatches, register_attack, resize, tqdm_or_none)
 from .nets import EmbeddingDecoder
 
 
@@ -80,13 +80,9 @@ class EmbeddingInversion(Attack):
             rec.eval()
 
     def fit(self, defense, public_images, public_labels=None):
-        check_defense(defense)
-        check_faces(public_images, "public_images", min_count=2)
         p = self.params
         self._set_eval()
-        self.defense = self.attacker_defense(defense)
-        self.victim_config = dict(getattr(defense, "config", {}) or {})
-        imgs, _ = subsample(public_images, p["n_images"], self.generator)
+        imgs = self.begin_fit(defense, public_images)
         self.mean_face = imgs.mean(0, keepdim=True)
         if p["method"] == "optimize":
             self.query_fn = differentiable_query(self.defense)

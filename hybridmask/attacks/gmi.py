@@ -22,8 +22,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .base import (FACE_SIZE, Attack, Param, check_defense, check_faces, differentiable_query,
-                   iterate_minibatches, register_attack, resize, subsample, tqdm_or_none)
+from .base import (FACE_SIZE, Attack, Param, differentiable_query, iterate_minibatches, register_attack, resize,
+                   tqdm_or_none)
 from .nets import DCGANDiscriminator, DCGANGenerator
 
 GAN_SIZE = 64
@@ -61,13 +61,8 @@ class GMIAttack(Attack):
         self.history = []
 
     def fit(self, defense, public_images, public_labels=None):
-        check_defense(defense)
-        check_faces(public_images, "public_images", min_count=2)
-        p = self.params
-        self.defense = self.attacker_defense(defense)
-        self.victim_config = dict(getattr(defense, "config", {}) or {})
+        imgs = self.begin_fit(defense, public_images)
         self.query_fn = differentiable_query(self.defense)
-        imgs, _ = subsample(public_images, p["n_images"], self.generator)
         self.train_gan(resize(imgs, GAN_SIZE))
         self.fitted = True
         return self

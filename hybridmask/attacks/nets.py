@@ -4,7 +4,7 @@ discriminator, a DCGAN pair and an embedding -> face decoder. All are written fo
 bilinearly up-sampled to 112)."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
 import torch
 import torch.nn as nn
