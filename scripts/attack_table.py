@@ -56,64 +56,28 @@ def cpu_seconds() -> float:
 def gmi_experiment(args, data_root: Path, embedder, out: Path):
     """GMI against a small pixel classifier trained on held-out CelebA identities (attacker public:
     the other CelebA identities)."""
-    import random
-
-    import torch.nn as nn
-    import torch.nn.functional as F
-
     from hybridmask.attacks import create_attack
-    from hybridmask.attacks.data import list_identities, load_faces
+    from hybridmask.attacks.data import build_class_data
+    from hybridmask.attacks.gmi import classifier_accuracy, train_target_classifier
     from hybridmask.attacks.harness import evaluate_class_inversion
     from hybridmask.defenses import create_defense
-    from hybridmask.models import create_model
 
-    ids = list_identities(data_root / "celeba_112")
-    names = sorted(ids)
-    rng = random.Random(args.seed + 7)
-    rng.shuffle(names)
-    private = sorted([n for n in names if len(ids[n]) >= 20][: args.gmi_classes])
-    public_ids = [n for n in names if n not in set(private)]
-    train_p, train_y, gal_p, gal_l = [], [], [], []
-    for i, n in enumerate(private):
-        files = list(ids[n])
-        rng.shuffle(files)
-        gal_p += files[:5]          # held-out images of the private identities: the judge's gallery
-        gal_l += [n] * len(files[:5])
-        train_p += files[5:]
-        train_y += [i] * len(files[5:])
-    pub_p = [p for n in public_ids for p in ids[n]]
-    rng.shuffle(pub_p)
-    x_train, y_train = load_faces(train_p), torch.tensor(train_y)
-    gallery = load_faces(gal_p)
-    public = load_faces(pub_p[: args.n_public])
+    cd = build_class_data(data_root, "celeba_heldout", n_classes=args.gmi_classes, n_public=args.n_public,
+                          seed=args.seed + 7, progress=not args.quiet)
     defense = create_defense("none")
     # target classifier: tiny pixel CNN + linear head, trained to (over)fit the private identities
-    torch.manual_seed(args.seed)
-    net = create_model("tiny_test", stem="pixel", embedding_size=64)
-    clf = nn.Sequential(net, nn.Linear(64, len(private)))
-    opt = torch.optim.Adam(clf.parameters(), lr=3e-3)
-    clf.train()
-    for _ in range(args.gmi_clf_epochs):
-        perm = torch.randperm(len(y_train))
-        for i in range(0, len(perm), 32):
-            idx = perm[i:i + 32]
-            x = x_train[idx]
-            x = torch.where(torch.rand(len(idx), 1, 1, 1) < 0.5, x.flip(-1), x)
-            loss = F.cross_entropy(clf(x), y_train[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    clf.eval()
-    with torch.no_grad():
-        train_acc = float((clf(x_train).argmax(1) == y_train).float().mean())
-        held_acc = float((clf(gallery).argmax(1) == torch.tensor([private.index(n) for n in gal_l])).float().mean())
+    clf = train_target_classifier(defense, cd.train, cd.train_labels, epochs=args.gmi_clf_epochs, seed=args.seed,
+                                  progress=not args.quiet)
+    train_acc = classifier_accuracy(clf, defense, cd.train, cd.train_labels)
+    held_acc = classifier_accuracy(clf, defense, cd.gallery,
+                                   torch.tensor([cd.class_names.index(n) for n in cd.gallery_labels]))
     attack = create_attack("gmi", classifier=clf, gan_epochs=args.gmi_gan_epochs, n_images=args.n_public,
                            steps=args.gmi_steps, seed=args.seed, progress=not args.quiet)
-    targets = [i for i in range(len(private)) for _ in range(args.gmi_per_class)]
-    res = evaluate_class_inversion(defense, attack, public, targets, private, gallery, gal_l, embedder=embedder,
-                                   grid_path=out / "gmi_none.png")
+    targets = [i for i in cd.targets for _ in range(args.gmi_per_class)]
+    res = evaluate_class_inversion(defense, attack, cd.public, targets, cd.class_names, cd.gallery, cd.gallery_labels,
+                                   embedder=embedder, grid_path=out / "gmi_none.png")
     res["target_classifier"] = {"train_accuracy": train_acc, "held_out_accuracy": held_acc,
-                                "n_classes": len(private), "n_train_images": len(y_train)}
+                                "n_classes": len(cd.class_names), "n_train_images": len(cd.train_labels)}
     return res
 
 

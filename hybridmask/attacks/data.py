@@ -163,3 +163,126 @@ def build_attack_data(data_root: Union[str, os.PathLike], victims: str = "lfw", 
                   n_public=len(pub), n_public_identities=len(pub_ids), seed=seed,
                   victim_files=[str(p.relative_to(root)) for p in victim_paths]))
     return data
+
+
+# ---- class inversion (gmi) -----------------------------------------------------------------------------
+@dataclass
+class ClassData:
+    """A target classifier's private identities and the attacker's public faces, for class inversion.
+
+    ``train``/``train_labels``: the private faces the target classifier is trained on (class ``i`` is
+    ``class_names[i]``); ``gallery``/``gallery_labels``: *other* faces of the same identities, only for
+    the independent judge; ``public``: the attacker's faces of identities disjoint from ``class_names``.
+    """
+    train: torch.Tensor
+    train_labels: torch.Tensor
+    class_names: List[str]
+    gallery: torch.Tensor
+    gallery_labels: List[str]
+    public: torch.Tensor
+    public_identities: List[str]
+    targets: List[int] = field(default_factory=list)
+    info: Dict = field(default_factory=dict)
+
+
+def build_class_data(data_root: Union[str, os.PathLike], victims: str = "celeba_heldout", n_classes: int = 10,
+                     min_images: int = 20, gallery_per_class: int = 5, n_public: int = 1500, seed: int = 0,
+                     progress: bool = True) -> ClassData:
+    """Seeded split for class inversion: ``n_classes`` private identities with at least ``min_images``
+    faces each (``gallery_per_class`` of them held out for the judge, the rest to train the target
+    classifier) and ``n_public`` attacker faces of other identities.
+
+    ``victims="lfw"``: private identities from ``lfw_112``, public faces from all of ``celeba_112``.
+    ``victims="celeba_heldout"``: private identities from ``celeba_112``, public faces from its *other*
+    identities.
+    """
+    if victims not in VICTIM_SETS:
+        raise ValueError(f"victims must be one of {VICTIM_SETS}, got {victims!r}")
+    for name, v, lo in (("n_classes", n_classes, 2), ("gallery_per_class", gallery_per_class, 1),
+                        ("n_public", n_public, 2)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    if isinstance(min_images, bool) or not isinstance(min_images, int) or min_images <= gallery_per_class:
+        raise ValueError(f"min_images must be an int > gallery_per_class ({gallery_per_class}): each identity needs "
+                         f"gallery faces and training faces; got {min_images!r}")
+    root = Path(data_root)
+    rng = random.Random(seed)
+    celeba = list_identities(root / "celeba_112")
+    ids = list_identities(root / "lfw_112") if victims == "lfw" else celeba
+    names = sorted(ids)
+    rng.shuffle(names)
+    eligible = [n for n in names if len(ids[n]) >= min_images]
+    if len(eligible) < n_classes:
+        raise ValueError(f"only {len(eligible)} {victims} identities have >= {min_images} faces, asked for "
+                         f"{n_classes} classes; lower n_classes or min_images")
+    private = sorted(eligible[:n_classes])
+    public_ids = sorted(celeba) if victims == "lfw" else [n for n in names if n not in set(private)]
+    train_p, train_y, gal_p, gal_l = [], [], [], []
+    for i, n in enumerate(private):
+        files = list(ids[n])
+        rng.shuffle(files)
+        gal_p += files[:gallery_per_class]
+        gal_l += [n] * gallery_per_class
+        train_p += files[gallery_per_class:]
+        train_y += [i] * (len(files) - gallery_per_class)
+    pub_p = [p for n in public_ids for p in celeba[n]]
+    rng.shuffle(pub_p)
+    pub_p = pub_p[:n_public]
+    if len(pub_p) < 2:
+        raise ValueError(f"fewer than 2 attacker-public faces outside the {n_classes} private identities")
+    return ClassData(
+        train=load_faces(train_p, progress, "private faces"), train_labels=torch.tensor(train_y), class_names=private,
+        gallery=load_faces(gal_p, progress, "gallery"), gallery_labels=gal_l,
+        public=load_faces(pub_p, progress, "public faces"), public_identities=sorted({p.parent.name for p in pub_p}),
+        targets=list(range(n_classes)), info=dict(victims=victims, n_classes=n_classes, n_train_images=len(train_p), n_gallery_images=len(gal_p),
+                  n_public=len(pub_p), min_images=min_images, seed=seed))
+
+
+def build_classifier_data(class_names: Sequence[str], class_root: Union[str, os.PathLike],
+                          data_root: Union[str, os.PathLike], n_targets: int = 10, gallery_per_class: int = 5,
+                          n_public: int = 1500, seed: int = 0, progress: bool = True) -> ClassData:
+    """Class-inversion data for a classifier trained elsewhere (class ``i`` is identity ``class_names[i]``).
+
+    Targets: up to ``n_targets`` classes (seeded) whose identity has a folder under ``class_root``;
+    the judge's gallery: up to ``gallery_per_class`` of their faces. Attacker-public faces: ``celeba_112``
+    identities that are not classes, or ``lfw_112`` ones when every CelebA identity is a class.
+    ``train`` is empty: the classifier is already trained.
+    """
+    names = [str(n) for n in class_names]
+    if len(set(names)) != len(names):
+        raise ValueError("the classifier's class names are not unique")
+    for name, v in (("n_targets", n_targets), ("gallery_per_class", gallery_per_class), ("n_public", n_public)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    rng = random.Random(seed)
+    ids = list_identities(class_root)
+    known = [i for i, n in enumerate(names) if n in ids]
+    if not known:
+        raise ValueError(f"none of the classifier's {len(names)} classes (e.g. {', '.join(names[:3])}) has a folder "
+                         f"under {class_root}; pass the folder it was trained on")
+    rng.shuffle(known)
+    targets = sorted(known[:n_targets])
+    gal_p, gal_l = [], []
+    for i in targets:
+        files = list(ids[names[i]])
+        rng.shuffle(files)
+        gal_p += files[:gallery_per_class]
+        gal_l += [names[i]] * len(files[:gallery_per_class])
+    pub_p = []
+    for folder in ("celeba_112", "lfw_112"):
+        if (Path(data_root) / folder).is_dir():
+            pool = list_identities(Path(data_root) / folder)
+            pub_p = [p for n in sorted(pool) if n not in set(names) for p in pool[n]]
+        if len(pub_p) >= 2:
+            break
+    if len(pub_p) < 2:
+        raise ValueError(f"no attacker-public faces under {data_root} (celeba_112/ or lfw_112/) outside the "
+                         f"classifier's {len(names)} identities")
+    rng.shuffle(pub_p)
+    pub_p = pub_p[:n_public]
+    return ClassData(
+        train=torch.zeros(0, 3, 112, 112), train_labels=torch.zeros(0, dtype=torch.long), class_names=names,
+        gallery=load_faces(gal_p, progress, "gallery"), gallery_labels=gal_l,
+        public=load_faces(pub_p, progress, "public faces"), public_identities=sorted({p.parent.name for p in pub_p}),
+        targets=targets, info=dict(n_classes=len(names), n_targets=len(targets), n_gallery_images=len(gal_p),
+                                   n_public=len(pub_p), class_root=str(class_root), seed=seed))

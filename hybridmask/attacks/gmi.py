@@ -17,13 +17,14 @@ to return cosine logits.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import (FACE_SIZE, Attack, Param, differentiable_query, iterate_minibatches, register_attack, resize,
-                   tqdm_or_none)
+from .base import (FACE_SIZE, Attack, Param, batched, check_defense, check_faces, differentiable_query,
+                   iterate_minibatches, register_attack, resize, tqdm_or_none)
 from .nets import DCGANDiscriminator, DCGANGenerator
 
 GAN_SIZE = 64
@@ -167,3 +168,91 @@ class GMIAttack(Attack):
 
     def report(self):
         return {"target_classifier_accuracy_on_inversions": getattr(self, "last_target_accuracy", None)}
+
+
+# ---- the target classifier ---------------------------------------------------------------------------
+class HeadClassifier(nn.Module):
+    """A recognizer and its margin head as a classifier: query output -> ``head.logits`` (the scaled
+    cosine to every class centre, no margin)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head.logits(self.backbone(x))
+
+
+def check_classifier_input(backbone: nn.Module, defense, what: str = "the classifier") -> None:
+    """The classifier's backbone must take what the defense's query releases (kind, channels, grid)."""
+    got = (getattr(backbone, "stem_kind", None), getattr(backbone, "in_chans", None), getattr(backbone, "input_size", None))
+    want = (defense.input_kind, defense.in_channels, defense.grid)
+    if got != want:
+        raise ValueError(f"{what} takes {got[0]} inputs of {got[1]}x{got[2]}x{got[2]} but the defense "
+                         f"{(getattr(defense, 'config', {}) or {}).get('name')!r} releases {want[0]} "
+                         f"{want[1]}x{want[2]}x{want[2]}; attack the defense the classifier was trained with "
+                         f"(e.g. --defense with the same checkpoint)")
+
+
+def classifier_from_checkpoint(path, defense=None) -> Tuple[HeadClassifier, Dict]:
+    """A recognizer checkpoint saved *with its head* (``hybridmask.models.save_model(path, model, head)``)
+    as a GMI target classifier; checks it takes the defense's query output. Returns (classifier, meta)."""
+    from ..models import load_model
+    backbone, head, meta = load_model(path)
+    if head is None:
+        raise ValueError(f"{path} holds no classifier head; gmi needs the recognizer saved with its head "
+                         f"(hybridmask.models.save_model(path, model, head))")
+    if defense is not None:
+        check_classifier_input(backbone, defense, f"the classifier in {path}")
+    return HeadClassifier(backbone, head).eval(), meta
+
+
+def classifier_accuracy(classifier: nn.Module, defense, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy of ``classifier`` on ``defense.query(images)``."""
+    classifier.eval()
+    pred = batched(lambda x: classifier(defense.query(x)).argmax(1), images)
+    return float((pred == labels).float().mean())
+
+
+def train_target_classifier(defense, images: torch.Tensor, labels: torch.Tensor, epochs: int = 30, lr: float = 3e-3,
+                            batch_size: int = 32, embedding_size: int = 64, seed: int = 0,
+                            progress: bool = True) -> nn.Module:
+    """The victim's side, for experiments without a trained classifier: a small ``tiny_test`` backbone
+    + linear head trained (Adam, horizontal flips) on ``defense.query`` of the private faces. Seeded;
+    the global RNG is left as it was."""
+    from ..models import create_model
+    check_defense(defense)
+    check_faces(images, "classifier training faces", min_count=2)
+    labels = torch.as_tensor(labels)
+    if labels.dim() != 1 or labels.shape[0] != images.shape[0] or labels.is_floating_point():
+        raise ValueError(f"labels must be a ({images.shape[0]},) integer tensor, got {tuple(labels.shape)} {labels.dtype}")
+    n_classes = int(labels.max()) + 1
+    if int(labels.min()) < 0 or n_classes < 2:
+        raise ValueError(f"labels must be class indices 0..C-1 with C >= 2, got values in "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+    for name, v in (("epochs", epochs), ("batch_size", batch_size), ("embedding_size", embedding_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    n = images.shape[0]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = create_model("tiny_test", stem=defense.input_kind, in_chans=defense.in_channels, grid=defense.grid,
+                           embedding_size=embedding_size)
+        clf = nn.Sequential(net, nn.Linear(embedding_size, n_classes))
+        opt = torch.optim.Adam(clf.parameters(), lr=lr)
+        clf.train()
+        for _ in tqdm_or_none(range(epochs), progress, desc="gmi: target classifier", leave=False):
+            perm = torch.randperm(n)
+            for i in range(0, n, batch_size):
+                idx = perm[i:i + batch_size]
+                if idx.numel() < 2:
+                    continue   # BatchNorm needs two samples
+                x = images[idx]
+                x = torch.where(torch.rand(len(idx), 1, 1, 1) < 0.5, x.flip(-1), x)
+                with torch.no_grad():
+                    q = defense.query(x)
+                loss = F.cross_entropy(clf(q), labels[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    return clf.eval()
