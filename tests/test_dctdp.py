@@ -130,3 +130,41 @@ def test_rebuild_and_errors():
         d.query(torch.zeros(2, 3, 112, 112, dtype=torch.int64))
     with pytest.raises(HybridMaskInputError):
         d.as_image(torch.zeros(2, 10, 28, 28))
+
+
+def test_other_face_sizes_and_train_stats():
+    d = DCTDPDefense(u=1, seed=0)
+    x = torch.rand(3, 3, 32, 48) * 2 - 1
+    out = d.query(x)
+    assert out.shape == (3, 189, 4, 6)
+    torch.testing.assert_close(d.coefficients(x), BlockDCT(1)(x)[:, [c for c in range(192) if c % 64]])
+    e = DCTDPDefense(u=1, granularity="element", seed=0)
+    with pytest.raises(HybridMaskInputError, match="112x112"):
+        e.query(x)
+    st = d.train_stats()
+    assert st["eps_min"] == pytest.approx(4.0) and st["eps_max"] == pytest.approx(4.0)
+    assert st["eps_sum_over_total"] == pytest.approx(1.0)
+    assert st["noise_scale_mean"] == pytest.approx(1 / 127.5 / 4.0)
+    assert st["epsilon_per_image"] == pytest.approx(4.0 * 189 * 196, rel=1e-5)
+
+
+def test_state_path_loads_trained_budgets(tmp_path):
+    from hybridmask.utils import atomic_save
+    d = DCTDPDefense(u=1, allocation="free", seed=0)
+    with torch.no_grad():
+        d.rho.copy_(torch.randn(d.rho.shape))
+        d.loc.copy_(torch.randn(d.loc.shape))
+    atomic_save({"format": "hybridmask.trainer", "defense_state": d.state_dict()}, tmp_path / "last.pt")
+    d2 = create_defense("dctdp", allocation="free", state_path=str(tmp_path / "last.pt"), seed=0)
+    torch.testing.assert_close(d2.rho, d.rho)
+    torch.testing.assert_close(d2.loc, d.loc)
+    assert d2.config["state_path"] == str(tmp_path / "last.pt")
+    torch.testing.assert_close(create_defense(**d2.config).epsilon(), d.epsilon())   # config rebuilds it
+    with pytest.raises(ValueError, match="do not fit"):
+        DCTDPDefense(granularity="element", state_path=str(tmp_path / "last.pt"))
+    atomic_save({"format": "hybridmask.trainer"}, tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="no defense_state"):
+        DCTDPDefense(state_path=str(tmp_path / "plain.pt"))
+    atomic_save({"format": "other"}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a hybridmask"):
+        DCTDPDefense(state_path=str(tmp_path / "other.pt"))

@@ -22,8 +22,13 @@ Pipeline for faces ``x`` (B, 3, 112, 112) in [-1, 1]::
   back-propagates into ``rho`` (and ``loc``) while the draws stay secret.
 * :meth:`privacy_loss` = ``-log(mean(noise scale))`` (DCTDP's auxiliary loss: it rewards more noise;
   the recognizer's loss pulls the other way), plus the budget penalty for ``allocation="free"``.
-  The trainer adds ``privacy_weight * defense.privacy_loss()`` to its loss and puts
-  ``defense.parameters()`` into an optimizer.
+  :class:`~hybridmask.train.AlternatingTrainer` trains ``rho`` and ``loc`` with the recognizer:
+  it releases with gradients, adds ``privacy_weight * defense.privacy_loss()`` to the recognizer
+  loss, steps them with its ``defense_optim`` (``hybridmask train``: Adam with ``defense.lr``, the
+  recognizer's LR schedule) and calls :meth:`project_` after every step
+  (``configs/celeba_dctdp.yaml``). Note on the uniform start: under the softmax allocation the
+  uniform budget is a stationary point of :meth:`privacy_loss` (mean noise scale is smallest
+  there, by the AM-HM inequality); the recognizer's gradient moves the budgets off it.
 
 Sensitivity. ``sensitivity`` is a float in the units of hybridmask's coefficients (images in
 [-1, 1]); the default ``1/127.5`` is one grey level, the DCTDP code's default (sensitivity 1 on
@@ -34,11 +39,13 @@ coefficient is ``eps``-differentially private w.r.t. any change of its block, an
 budget is the sum of its coefficients' budgets (``total_epsilon_per_image``).
 
 The noise is applied to every release, training and query alike (k is always 1: no mixing).
+Faces of another size than 112 work with ``granularity="channel"`` (the noise takes the shape of
+the coefficients); ``"element"`` budgets are tied to the 112x112 grid.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -81,6 +88,9 @@ class DCTDPDefense(Defense):
         sensitivity: float (coefficient units; default one grey level) or ``"bound"``.
         learn_loc: learn a per-budget mean shift ``loc`` as DCTDP does (does not affect privacy).
         penalty_weight: weight of the over-budget penalty (``allocation="free"``).
+        state_path: start from trained budgets: the ``model.pt`` of a ``hybridmask train`` run (its
+            ``extra["defense_state"]``; the run's defense arguments must match these) or a trainer
+            checkpoint (``ckpt/last.pt``, its ``defense_state``). None: uniform budgets, ``loc`` = 0.
         seed: seed/generator of the noise (None = secure OS seed).
     """
     name = "dctdp"
@@ -88,7 +98,8 @@ class DCTDPDefense(Defense):
 
     def __init__(self, u: int = 1, budget_mean: float = 4.0, granularity: str = "channel",
                  allocation: str = "softmax", sensitivity: Union[float, str] = 1.0 / 127.5,
-                 learn_loc: bool = True, penalty_weight: float = 1.0, seed: SeedLike = None):
+                 learn_loc: bool = True, penalty_weight: float = 1.0, state_path: Optional[str] = None,
+                 seed: SeedLike = None):
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         if allocation not in ALLOCATIONS:
@@ -102,7 +113,8 @@ class DCTDPDefense(Defense):
             raise ValueError(f"sensitivity must be a positive number or 'bound', got {sensitivity!r}")
         super().__init__(u=u, budget_mean=float(budget_mean), granularity=granularity, allocation=allocation,
                          sensitivity=sensitivity if isinstance(sensitivity, str) else float(sensitivity),
-                         learn_loc=bool(learn_loc), penalty_weight=float(penalty_weight))
+                         learn_loc=bool(learn_loc), penalty_weight=float(penalty_weight),
+                         state_path=None if state_path is None else str(state_path))
         self.bdct = BlockDCT(u)
         _, kept = split_channels("dc")
         self.register_buffer("kept_index", torch.tensor(kept, dtype=torch.long), persistent=False)
@@ -122,6 +134,35 @@ class DCTDPDefense(Defense):
             sens = torch.full(shape, float(sensitivity))
         self.register_buffer("sensitivity", sens)
         self.generator = make_generator(seed)
+        if state_path is not None:
+            self._load_trained(str(state_path))
+
+    def _load_trained(self, path: str) -> None:
+        from ..utils import safe_torch_load
+        ckpt = safe_torch_load(path, map_location="cpu")
+        fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
+        if fmt == "hybridmask.recognizer":
+            extra = ckpt.get("extra") or {}
+            state, trained_cfg = extra.get("defense_state"), extra.get("defense")
+        elif fmt == "hybridmask.trainer":
+            state, trained_cfg = ckpt.get("defense_state"), None
+        else:
+            raise ValueError(f"{path}: not a hybridmask recognizer (model.pt) or trainer checkpoint (format={fmt!r})")
+        if not isinstance(state, dict) or "rho" not in state:
+            raise ValueError(f"{path}: holds no trained dctdp budgets (no defense_state)")
+        if isinstance(trained_cfg, dict):
+            if trained_cfg.get("name") != self.name:
+                raise ValueError(f"{path}: trained with defense {trained_cfg.get('name')!r}, not {self.name!r}")
+            differ = sorted(k for k in ("u", "budget_mean", "granularity", "allocation", "sensitivity")
+                            if k in trained_cfg and trained_cfg[k] != self._config.get(k))
+            if differ:
+                raise ValueError(f"{path}: trained with other dctdp arguments: "
+                                 + ", ".join(f"{k}={trained_cfg[k]!r} (here {self._config.get(k)!r})" for k in differ))
+        try:
+            self.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"{path}: the trained budgets do not fit this dctdp defense "
+                             f"({str(e).strip().splitlines()[0]})") from e
 
     # ---- shape -----------------------------------------------------------------------------
     @property
@@ -167,6 +208,15 @@ class DCTDPDefense(Defense):
         return loss
 
     @torch.no_grad()
+    def train_stats(self) -> dict:
+        """Plain numbers for training logs: budget range, mean noise scale, budget of one image."""
+        eps = self.epsilon()
+        return {"eps_min": float(eps.min()), "eps_max": float(eps.max()),
+                "eps_sum_over_total": float(eps.sum()) / self.total_budget,
+                "noise_scale_mean": float(self.noise_scale().mean()),
+                "epsilon_per_image": self.total_epsilon_per_image()}
+
+    @torch.no_grad()
     def project_(self) -> None:
         """Hard constraint for ``allocation="free"``: rescale so that sum(eps) <= total budget."""
         if self.allocation != "free":
@@ -180,14 +230,20 @@ class DCTDPDefense(Defense):
         """Noise-free BDCT with DC dropped: (B, 189, g, g)."""
         return self.bdct(images).index_select(1, self.kept_index.to(images.device))
 
-    def draw_noise(self, batch: int, dtype=torch.float32) -> torch.Tensor:
-        """Standard Laplace draws (B, 189, g, g) from the secret generator."""
-        return laplace_noise((batch, len(self.kept), self._grid, self._grid), self.generator, dtype)
+    def draw_noise(self, batch: int, dtype=torch.float32, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """Standard Laplace draws (B, 189, h, w) from the secret generator (``size=(h, w)``; default
+        the grid of a 112x112 face)."""
+        h, w = (self._grid, self._grid) if size is None else (int(size[0]), int(size[1]))
+        return laplace_noise((batch, len(self.kept), h, w), self.generator, dtype)
 
     def query(self, images: torch.Tensor) -> torch.Tensor:
         check_images(images)
+        if self.granularity == "element" and tuple(images.shape[-2:]) != (112, 112):
+            raise HybridMaskInputError(f"dctdp with granularity='element' has one budget per coefficient of a "
+                                       f"112x112 face; got {images.shape[-2]}x{images.shape[-1]} faces "
+                                       f"(use granularity='channel' for other sizes)")
         f = self.coefficients(images)
-        lap = self.draw_noise(f.shape[0], f.dtype).to(f.device)
+        lap = self.draw_noise(f.shape[0], f.dtype, size=f.shape[-2:]).to(f.device)
         return f + self.loc.to(f.dtype) + self.noise_scale().to(f.dtype) * lap
 
     def release(self, images: torch.Tensor, k=None):
