@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from hybridmask.defenses import AdaptiveMask, create_defense, load_policy, save_
 from hybridmask.models import create_head, create_model
 from hybridmask.policy import FixedKPolicy, LagrangianReward, Reinforce, StrategyNet
 from hybridmask.train import AlternatingTrainer, ResumableBatchSampler
+from hybridmask.train.trainer import learnable_defense_parameters
 from hybridmask.train.config import ConfigKeyError, load_config
 from hybridmask.utils import safe_torch_load
 
@@ -206,6 +208,124 @@ def test_bn_warmup_keeps_eval_mode_statistics_right_after_a_short_run(tmp_path):
         assert all(m.momentum == 0.1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert 0.5 < ratios[True] < 2.0          # the exact average of the 3 batches' variances
     assert ratios[False] > 3 * ratios[True]    # plain EMA still remembers running_var = 1
+
+
+# ------------------------------------------------------------------ defenses with learnable parameters (DCTDP)
+def make_dctdp_trainer(tmp, allocation="softmax", total=None, lr=0.05, privacy_weight=1.0, log=False):
+    torch.manual_seed(0)
+    x, y = faces()
+    defense = create_defense("dctdp", allocation=allocation, budget_mean=0.05, seed=3)  # noise comparable to the signal
+    if allocation == "free":
+        with torch.no_grad():
+            defense.rho.fill_(0.5)   # start over the total budget: project_() must pull it back
+    model = create_model("tiny_test", stem="freq", in_chans=189, grid=SIZE // 8, embedding_size=16)
+    head = create_head("cosface", 16, N_IDS, s=16.0)
+    opt = torch.optim.SGD(list(model.parameters()) + list(head.parameters()), lr=0.05, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.1 * s))
+    dopt = torch.optim.Adam(learnable_defense_parameters(defense), lr=lr)
+    dsched = torch.optim.lr_scheduler.LambdaLR(dopt, lambda s: 1.0 / (1 + 0.1 * s))
+    return AlternatingTrainer(model, head, opt, DataLoader(TensorDataset(x, y), batch_size=8), defense,
+                              scheduler=sched, defense_optim=dopt, defense_scheduler=dsched,
+                              privacy_weight=privacy_weight, utility_data=(x[::PER_ID], y[::PER_ID]), utility_every=2,
+                              log_every=1, hflip=True, progress=False, log_dir=(tmp / "tb") if log else None,
+                              ckpt_dir=tmp / "ckpt", seed=11, total_steps=total)
+
+
+@pytest.mark.parametrize("allocation", ["softmax", "free"])
+def test_dctdp_budgets_train_through_the_shared_trainer(tmp_path, allocation):
+    tr = make_dctdp_trainer(tmp_path, allocation=allocation, log=True)
+    d = tr.defense
+    assert tr.learn_defense and {id(p) for p in tr.defense_params} == {id(d.rho), id(d.loc)}
+    rho0, loc0 = d.rho.detach().clone(), d.loc.detach().clone()
+    tr.fit(steps=3)
+    tr.close()
+    assert (d.rho - rho0).abs().max() > 1e-3 and (d.loc - loc0).abs().max() > 1e-3   # gradients reached them
+    assert d.rho.grad is not None and torch.isfinite(d.rho).all()
+    eps = d.epsilon().detach()
+    assert (eps > 0).all() and torch.isfinite(eps).all()
+    if allocation == "softmax":
+        assert float(eps.sum()) == pytest.approx(d.total_budget, rel=1e-5)
+    else:   # started at exp(0.5) = 1.65 x the total; 3 Adam steps of lr 0.05 move log-budgets by <= 0.15,
+        # so only the projection after each step can bring the sum under the total
+        assert float(eps.sum()) <= d.total_budget * (1 + 1e-5)
+    rec = tr.history[-1]
+    assert math.isfinite(rec["defense/privacy_loss"]) and rec["defense/eps_sum_over_total"] <= 1 + 1e-5
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ea = EventAccumulator(str(tmp_path / "tb"))
+    ea.Reload()
+    assert {"defense/privacy_loss", "defense/noise_scale_mean"} <= set(ea.Tags()["scalars"])
+    ck = safe_torch_load(tmp_path / "ckpt" / "last.pt")
+    torch.testing.assert_close(ck["defense_state"]["rho"], d.rho.detach())
+    assert ck["defense_optim"]["state"] and ck["defense_scheduler"]["last_epoch"] == 3
+
+
+def test_privacy_weight_pushes_toward_more_noise(tmp_path):
+    """-log(mean noise scale) in the loss: the same 5 steps end with a larger mean noise scale with
+    a large privacy weight than with none (the budgets start slightly off the uniform point)."""
+    scales = {}
+    for w in (0.0, 50.0):
+        tr = make_dctdp_trainer(tmp_path / str(w), privacy_weight=w, lr=0.2)
+        with torch.no_grad():
+            tr.defense.rho.copy_(0.1 * torch.randn(tr.defense.rho.shape, generator=torch.Generator().manual_seed(0)))
+        tr.fit(steps=5)
+        scales[w] = float(tr.defense.noise_scale().detach().mean())
+    assert scales[50.0] > 1.2 * scales[0.0]
+
+
+def test_dctdp_resume_is_exact(tmp_path):
+    n = 6
+    a = make_dctdp_trainer(tmp_path / "a")
+    a.fit(steps=n)
+    b = make_dctdp_trainer(tmp_path / "b", total=n)
+    b.fit(steps=n // 2 + 1)
+    del b
+    c = make_dctdp_trainer(tmp_path / "c")
+    c.load_checkpoint(tmp_path / "b" / "ckpt" / "last.pt")
+    c.fit(steps=n)
+    for pa, pc in zip(params(a.model, a.head, a.defense), params(c.model, c.head, c.defense)):
+        assert torch.allclose(pa, pc, atol=1e-6, rtol=0), "recognizer or budgets differ after resume"
+    assert a.defense_optim.state_dict()["state"][0]["step"] == c.defense_optim.state_dict()["state"][0]["step"]
+    # the next secret draws continue identically as well
+    x, _ = faces()
+    torch.testing.assert_close(a.defense.query(x[:2]), c.defense.query(x[:2]))
+
+
+def test_learnable_defense_errors_and_parameter_free_defenses_untouched(tmp_path):
+    x, y = faces()
+    model = create_model("tiny_test", stem="freq", in_chans=189, grid=4, embedding_size=16)
+    head = create_head("cosface", 16, N_IDS)
+    opt = torch.optim.SGD(list(model.parameters()) + list(head.parameters()), lr=0.1)
+    dct = create_defense("dctdp", seed=0)
+    ds = TensorDataset(x, y)
+    with pytest.raises(ValueError, match="in no optimizer"):
+        AlternatingTrainer(model, head, opt, ds, dct, batch_size=8)
+    with pytest.raises(ValueError, match="without a policy"):
+        AlternatingTrainer(model, head, opt, ds, dct, batch_size=8, policy=FixedKPolicy(1, seed=0),
+                           defense_optim=torch.optim.Adam(dct.parameters()))
+    with pytest.raises(ValueError, match="privacy_weight"):
+        AlternatingTrainer(model, head, opt, ds, dct, batch_size=8, defense_optim=torch.optim.Adam(dct.parameters()),
+                           privacy_weight=-1.0)
+    with pytest.raises(ValueError, match="no learnable parameters"):
+        AlternatingTrainer(model, head, opt, ds, create_defense("ppfrfd", seed=0), batch_size=8,
+                           defense_optim=torch.optim.Adam(dct.parameters()))
+    # the budgets may also sit in the recognizer's own optimizer
+    opt2 = torch.optim.SGD(list(model.parameters()) + list(head.parameters()) + list(dct.parameters()), lr=0.1)
+    assert AlternatingTrainer(model, head, opt2, ds, dct, batch_size=8, progress=False).learn_defense
+    # parameter-free defenses (and the adaptive mask, whose policy REINFORCE trains) stay on the no-grad path
+    for tr in (make_trainer(tmp_path / "p", policy_kind=None, defense_name="ppfrfd", log=False),
+               make_trainer(tmp_path / "a", log=False)):
+        assert not tr.learn_defense and tr.defense_params == []
+        tr.fit(steps=1)
+        ck = safe_torch_load(tr.ckpt_dir / "last.pt")
+        assert "defense_state" not in ck
+    # checkpoints of the two kinds do not load into each other
+    d = make_dctdp_trainer(tmp_path / "d")
+    d.fit(steps=1)
+    with pytest.raises(ValueError, match="learned defense parameters"):
+        make_trainer(tmp_path / "q", policy_kind=None, defense_name="ppfrfd", log=False).load_checkpoint(
+            tmp_path / "d" / "ckpt" / "last.pt")
+    with pytest.raises(ValueError, match="learned defense parameters"):
+        make_dctdp_trainer(tmp_path / "e").load_checkpoint(tmp_path / "p" / "ckpt" / "last.pt")
 
 
 # ------------------------------------------------------------------ sampler

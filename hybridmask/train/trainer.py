@@ -20,10 +20,19 @@ recognizer on held-out images of training identities, masked with k=1 through
 With ``policy=None`` (or a fixed / uniform policy) it is plain training of a defense: this is how
 the baselines and the pixel model train.
 
+Defenses with learnable parameters (e.g. DCTDP's per-channel noise budget; found by
+:func:`learnable_defense_parameters`) train together with the recognizer: the release keeps its
+graph, the loss is ``FR loss + privacy_weight * defense.privacy_loss()`` (when the defense has
+one), their gradients are stepped by ``defense_optim`` (or by ``optimizer`` if you put them there),
+and ``defense.project_()`` (when it has one) puts them back into their valid range after each
+step. Their values and optimizer state are part of the checkpoint. Defenses without learnable
+parameters release under ``no_grad`` as before.
+
 Exact resume: ``save_checkpoint`` stores the model, head, optimizer, scheduler, policy, its
 optimizer and baseline, the reward state, the data position (a seeded, step-indexed sampler),
 torch / CUDA / Python / NumPy RNG states, the augmentation generator and the defense's secret
-generator state (per rank). ``load_checkpoint`` + ``fit(steps=N)`` then produces the same
+generator state (per rank), and a learnable defense's parameters with their optimizer and
+scheduler. ``load_checkpoint`` + ``fit(steps=N)`` then produces the same
 parameters as an uninterrupted run. The checkpoint holds the masking secrets: keep it private.
 
 Distributed: under ``torchrun`` (``hybridmask.train.distributed.init_distributed()`` first) the
@@ -128,6 +137,19 @@ def _load_secret_state(defense, state) -> None:
         set_generator_state(defense.generator, state["generator"])
 
 
+def learnable_defense_parameters(defense, policy=None) -> List[nn.Parameter]:
+    """The parameters of ``defense`` that train with the recognizer: those with ``requires_grad``,
+    minus the parameters of a policy (the trainer's ``policy`` or the defense's own ``.policy``,
+    which REINFORCE updates). Empty for a defense that is not an ``nn.Module``."""
+    if not isinstance(defense, nn.Module):
+        return []
+    skip = set()
+    for pol in (policy, getattr(defense, "policy", None)):
+        if isinstance(pol, nn.Module):
+            skip.update(id(p) for p in pol.parameters())
+    return [p for p in defense.parameters() if p.requires_grad and id(p) not in skip]
+
+
 def _as_tensors(data, limit: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(images, labels) tensors from a tuple of tensors or a map-style dataset of (image, label)."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
@@ -178,6 +200,12 @@ class AlternatingTrainer:
         bn_warmup: BatchNorm running statistics are exact averages over the first ``1/momentum``
             batches (instead of an EMA from running_var = 1), so eval-mode embeddings are right
             after a short run.
+        defense_optim: optimizer over the defense's learnable parameters (e.g. ``Adam(
+            learnable_defense_parameters(defense), lr=...)``; not needed when ``optimizer`` already
+            holds them). Every learnable parameter must be in one of the two optimizers.
+        defense_scheduler: LR scheduler of ``defense_optim``, stepped after every recognizer step.
+        privacy_weight: weight of ``defense.privacy_loss()`` in the recognizer step's loss (only
+            for a defense with learnable parameters and a ``privacy_loss`` method).
     """
 
     def __init__(self, model: nn.Module, head: nn.Module, optimizer: torch.optim.Optimizer, loader, defense,
@@ -189,7 +217,9 @@ class AlternatingTrainer:
                  batch_size: Optional[int] = None, num_workers: int = 0, log_every: int = 10,
                  grad_clip: Optional[float] = None, hflip: bool = False, progress: bool = True,
                  calibrate_policy: bool = True, total_steps: Optional[int] = None,
-                 running_loss_momentum: float = 0.9, utility_limit: int = 512, bn_warmup: bool = True):
+                 running_loss_momentum: float = 0.9, utility_limit: int = 512, bn_warmup: bool = True,
+                 defense_optim: Optional[torch.optim.Optimizer] = None, defense_scheduler=None,
+                 privacy_weight: float = 1.0):
         for name, v in (("n_fr", n_fr), ("n_pi", n_pi), ("utility_every", utility_every), ("eval_every", eval_every),
                         ("ckpt_every", ckpt_every), ("log_every", log_every)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -207,6 +237,7 @@ class AlternatingTrainer:
             from ..policy import LagrangianReward
             reward = LagrangianReward(policy.k_values)
         self.reward = reward
+        self._setup_learnable_defense(defense, policy, optimizer, defense_optim, defense_scheduler, privacy_weight)
         self.n_fr, self.n_pi = int(n_fr), int(n_pi)
         self.eval_fn, self.eval_every = eval_fn, int(eval_every)
         self.utility_every, self.log_every, self.ckpt_every = int(utility_every), int(log_every), int(ckpt_every)
@@ -266,6 +297,33 @@ class AlternatingTrainer:
         self._resumed_at: Optional[int] = None
         self._reset_window()
         self._reset_epoch_stats()
+
+    def _setup_learnable_defense(self, defense, policy, optimizer, defense_optim, defense_scheduler,
+                                 privacy_weight) -> None:
+        self.defense_params = learnable_defense_parameters(defense, policy)
+        self.learn_defense = bool(self.defense_params)
+        self.defense_optim, self.defense_scheduler = defense_optim, defense_scheduler
+        if isinstance(privacy_weight, bool) or not isinstance(privacy_weight, (int, float)) \
+                or not math.isfinite(privacy_weight) or privacy_weight < 0:
+            raise ValueError(f"privacy_weight must be a non-negative number, got {privacy_weight!r}")
+        self.privacy_weight = float(privacy_weight)
+        if not self.learn_defense:
+            if defense_optim is not None or defense_scheduler is not None:
+                raise ValueError(f"defense_optim/defense_scheduler given, but the defense "
+                                 f"{getattr(defense, 'name', type(defense).__name__)!r} has no learnable parameters")
+            return
+        if policy is not None:
+            raise ValueError("a defense with learnable parameters trains without a policy (policy=None)")
+        if defense_scheduler is not None and defense_optim is None:
+            raise ValueError("defense_scheduler needs defense_optim")
+        covered = {id(p) for opt in (optimizer, defense_optim) if opt is not None
+                   for g in opt.param_groups for p in g["params"]}
+        names = {id(p): n for n, p in defense.named_parameters()}
+        missing = [names.get(id(p), "?") for p in self.defense_params if id(p) not in covered]
+        if missing:
+            raise ValueError(f"the defense's learnable parameters {missing} are in no optimizer: pass "
+                             f"defense_optim=torch.optim.Adam(learnable_defense_parameters(defense), lr=...) "
+                             f"or add them to the optimizer")
 
     # ------------------------------------------------------------------ data
     def _wrap_loader(self, loader, batch_size, num_workers):
@@ -394,19 +452,29 @@ class AlternatingTrainer:
         utility, evaluates, logs and checkpoints when their interval is reached."""
         t0 = time.perf_counter()
         images, labels = self._prepare(batch)
-        masked, rec, k_all, cache = self._release(images)
+        privacy = None
+        if self.learn_defense:   # the release keeps its graph: the loss reaches the defense's parameters
+            masked, rec = self.defense.release(images)
+            k_all = cache = None
+        else:
+            masked, rec, k_all, cache = self._release(images)
         y, w = self._labels(rec, labels)
         self.net.train()
         with self._bn_warmup():
             loss_vec = self.net(masked, y, w)
         loss = loss_vec.mean()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.learn_defense:
+            privacy = self._defense_backward(loss)
+        else:
+            loss.backward()
         if self.grad_clip:
             nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], self.grad_clip)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
+        if self.learn_defense:
+            self._defense_step()
         lv = float(loss.detach())
         if not math.isfinite(lv):
             raise FloatingPointError(f"the recognizer loss became {lv} at step {self.global_step + 1} "
@@ -415,6 +483,9 @@ class AlternatingTrainer:
         ks = (k_all if k_all is not None else (rec.k if rec is not None else torch.ones(images.shape[0]))).long().cpu()
         self.global_step += 1
         out = {"loss": lv}
+        if self.learn_defense and privacy is not None:
+            out["privacy_loss"] = privacy
+            self._win_privacy.append(privacy)
         # --- policy steps (recognizer frozen)
         if self.learn_policy and self.global_step % self.n_fr == 0:
             out.update(self._policy_steps(images, labels, cache))
@@ -432,6 +503,40 @@ class AlternatingTrainer:
         if self.ckpt_every and self.ckpt_dir is not None and self.global_step % self.ckpt_every == 0:
             self.save_checkpoint()
         return out
+
+    def _defense_backward(self, loss: torch.Tensor) -> Optional[float]:
+        """Backward of ``loss + privacy_weight * defense.privacy_loss()`` (learnable defense);
+        under DDP the defense's gradients are averaged over the ranks. Returns the privacy loss."""
+        if self.defense_optim is not None:
+            self.defense_optim.zero_grad(set_to_none=True)
+        privacy = None
+        total = loss
+        privacy_fn = getattr(self.defense, "privacy_loss", None)
+        if callable(privacy_fn):
+            pl = privacy_fn()
+            privacy = float(pl.detach())
+            if not math.isfinite(privacy):
+                raise FloatingPointError(f"the defense's privacy loss became {privacy} at step {self.global_step + 1} "
+                                         f"(lower defense.lr or defense.privacy_weight)")
+            total = loss + self.privacy_weight * pl
+        total.backward()
+        if D.is_dist():
+            import torch.distributed as dist
+            for p in self.defense_params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+                p.grad.div_(self.world)
+        return privacy
+
+    def _defense_step(self) -> None:
+        if self.defense_optim is not None:
+            self.defense_optim.step()
+        if self.defense_scheduler is not None:
+            self.defense_scheduler.step()
+        project = getattr(self.defense, "project_", None)
+        if callable(project):
+            project()
 
     @contextlib.contextmanager
     def _bn_warmup(self):
@@ -560,6 +665,7 @@ class AlternatingTrainer:
         self._win_loss, self._win_n, self._win_time, self._win_imgs = 0.0, 0, 0.0, 0
         self._win_k: List[torch.Tensor] = []
         self._win_policy: List[Dict[str, float]] = []
+        self._win_privacy: List[float] = []
 
     def _reset_epoch_stats(self) -> None:
         self._ep_loss, self._ep_n, self._ep_k, self._ep_t0 = 0.0, 0, {}, time.perf_counter()
@@ -597,6 +703,12 @@ class AlternatingTrainer:
         if self.reward is not None:
             rec["mu"] = float(self.reward.mu)
         rec.update({f"eval/{k}": v for k, v in self.last_eval.items()})
+        if self.learn_defense:
+            if self._win_privacy:
+                rec["defense/privacy_loss"] = float(np.mean(self._win_privacy))
+            stats_fn = getattr(self.defense, "train_stats", None)
+            if callable(stats_fn):
+                rec.update({f"defense/{k}": float(v) for k, v in stats_fn().items()})
         self.history.append(rec)
         w = self.writer
         if w is not None:
@@ -620,6 +732,9 @@ class AlternatingTrainer:
                 w.add_scalar("policy/mu", rec["mu"], s)
             if self.last_utility is not None:
                 w.add_scalar("utility/identification_last", self.last_utility, s)
+            for key, v in rec.items():
+                if key.startswith("defense/"):
+                    w.add_scalar(key, v, s)
         self._reset_window()
 
     def _end_epoch(self) -> None:
@@ -718,7 +833,7 @@ class AlternatingTrainer:
     def state_dict(self) -> Dict[str, Any]:
         """The full training state (collective under DDP: every rank must call it)."""
         ranks = D.all_gather_object(self._rank_state())
-        return {
+        st = {
             "format": CKPT_FORMAT, "format_version": CKPT_VERSION,
             "global_step": self.global_step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "total_steps": self.total_steps, "seed": self.seed, "world_size": self.world,
@@ -733,6 +848,38 @@ class AlternatingTrainer:
             "epochs": [{**e, "k_hist": dict(e["k_hist"])} for e in self.epochs],
             "last_utility": self.last_utility, "last_eval": dict(self.last_eval), "ranks": ranks,
         }
+        if self.learn_defense:   # (absent for defenses without learnable parameters)
+            st.update(self._defense_state())
+        return st
+
+    def _defense_state(self) -> Dict[str, Any]:
+        return {"defense_state": {k: v.detach().clone() for k, v in self.defense.state_dict().items()},
+                "defense_optim": self.defense_optim.state_dict() if self.defense_optim is not None else None,
+                "defense_scheduler": self.defense_scheduler.state_dict() if self.defense_scheduler is not None else None}
+
+    def _check_defense_state(self, state: Dict[str, Any]) -> None:
+        has = state.get("defense_state") is not None
+        if has != self.learn_defense:
+            raise ValueError(f"checkpoint and trainer disagree on the defense: the checkpoint "
+                             f"{'has' if has else 'has no'} learned defense parameters")
+        for what, obj, key in (("defense optimizer", self.defense_optim, "defense_optim"),
+                               ("defense scheduler", self.defense_scheduler, "defense_scheduler")):
+            if has and (obj is None) != (state.get(key) is None):
+                raise ValueError(f"checkpoint and trainer disagree on the {what}: the checkpoint "
+                                 f"{'has' if state.get(key) is not None else 'has no'} {what} state")
+
+    def _load_defense_state(self, state: Dict[str, Any]) -> None:
+        if not self.learn_defense:
+            return
+        try:
+            self.defense.load_state_dict(state["defense_state"])
+            if self.defense_optim is not None:
+                self.defense_optim.load_state_dict(state["defense_optim"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"the checkpoint does not fit this defense ({first}); start a fresh run") from e
+        if self.defense_scheduler is not None:
+            self.defense_scheduler.load_state_dict(state["defense_scheduler"])
 
     def save_checkpoint(self, path: Optional[Union[str, os.PathLike]] = None) -> Optional[Path]:
         """Write the full state atomically to ``path`` (default ``ckpt_dir/last.pt``); rank 0
@@ -758,6 +905,7 @@ class AlternatingTrainer:
             if (obj is None) != (state.get(key) is None):
                 raise ValueError(f"checkpoint and trainer disagree on the {what}: the checkpoint "
                                  f"{'has' if state.get(key) is not None else 'has no'} {what} state")
+        self._check_defense_state(state)
         try:
             self.model.load_state_dict(state["model"])
             self.head.load_state_dict(state["head"])
@@ -766,6 +914,7 @@ class AlternatingTrainer:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValueError(f"the checkpoint does not fit this model/head/optimizer ({first}); start a fresh "
                              f"run (another run.name, or run.resume=null)") from e
+        self._load_defense_state(state)
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.policy_optim is not None:
