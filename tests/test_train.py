@@ -440,6 +440,28 @@ def test_cli_quickstart_end_to_end(tmp_path, capsys):
     assert "resumed from" in capsys.readouterr().out
 
 
+def test_cli_dctdp_config_trains_its_budgets_end_to_end(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["train", "--config", str(REPO / "configs" / "celeba_dctdp.yaml"), "train.steps=2", f"run.out_dir={out}",
+            "data.train=null", "eval.targets=[synthetic]", "defense.lr=0.05"] + TINY
+    assert cli_main(argv) == 0
+    run = out / "celeba_dctdp"
+    res = json.loads((run / "results.json").read_text())
+    assert res["train"]["steps"] == 2 and res["defense"]["name"] == "dctdp"
+    assert res["defense_stats"]["eps_sum_over_total"] == pytest.approx(1.0, rel=1e-5)
+    assert "defense/privacy_loss" in res["history"][-1]
+    ck = safe_torch_load(run / "ckpt" / "last.pt")
+    assert ck["defense_optim"] is not None and ck["defense_scheduler"]["last_epoch"] == 2
+    assert float(ck["defense_state"]["rho"].abs().max()) > 0   # moved off the uniform start
+    # the trained budgets travel in model.pt and rebuild the defense the harness attacks
+    d = create_defense("dctdp", u=1, budget_mean=4.0, granularity="channel", allocation="softmax",
+                       state_path=str(run / "model.pt"), seed=0)
+    torch.testing.assert_close(d.rho.detach(), ck["defense_state"]["rho"])
+    with pytest.raises(ValueError, match="budget_mean"):
+        create_defense("dctdp", budget_mean=2.0, state_path=str(run / "model.pt"), seed=0)
+    capsys.readouterr()
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_matches_single_process(tmp_path):
     """torchrun, 2 gloo processes x batch 8 vs one process x batch 16 over the same global batches."""

@@ -115,7 +115,7 @@ def run_training(cfg: Dict[str, Any]) -> Dict[str, Any]:
     from .card import write_policy_card
     from .data import holdout_split, load_training_set
     from .evaluation import brief, build_sets, make_eval_fn, verify
-    from .trainer import AlternatingTrainer
+    from .trainer import AlternatingTrainer, learnable_defense_parameters
 
     t_start = time.time()
     rc, dc, mc, tc, pc, ec = (cfg[k] for k in ("run", "data", "model", "train", "policy", "eval"))
@@ -158,7 +158,9 @@ def run_training(cfg: Dict[str, Any]) -> Dict[str, Any]:
     defense = build_defense(cfg["defense"], policy, mask_seed)
     size = int(faces.images.shape[-1])
     mask = getattr(defense, "mask", None)
-    grid = defense.grid if size == 112 else (mask.grid(size) if mask is not None else size)
+    bdct = getattr(defense, "bdct", None)   # a frequency defense without a HybridMask (dctdp)
+    grid = defense.grid if size == 112 else (mask.grid(size) if mask is not None else
+                                             bdct.grid(size) if bdct is not None else size)
     model = create_model(mc["name"], stem=defense.input_kind, in_chans=defense.in_channels, grid=grid,
                          embedding_size=int(mc["embedding_size"]), dropout=float(mc.get("dropout") or 0.0),
                          **dict(mc.get("args") or {}))
@@ -174,6 +176,10 @@ def run_training(cfg: Dict[str, Any]) -> Dict[str, Any]:
                               entropy_coef=float(pc["entropy_coef"]), grad_clip=pc.get("grad_clip"))
         rw = dict(cfg["reward"])
         reward = LagrangianReward(policy.k_values, **rw)
+    # a defense with learnable parameters (DCTDP's noise budget) trains with its own Adam on the same LR schedule
+    learned = learnable_defense_parameters(defense, policy)
+    defense_optim = torch.optim.Adam(learned, lr=float(cfg["defense"].get("lr", 0.01))) if learned else None
+    defense_sched = make_scheduler(defense_optim, oc, total) if learned else None
     sets = build_sets(ec, dc.get("synthetic")) if main and (ec.get("every") or ec.get("final", True)) else {}
     eval_fn = make_eval_fn(sets, ec.get("pairs"), int(ec.get("batch_size") or 128)) if ec.get("every") else None
 
@@ -184,7 +190,8 @@ def run_training(cfg: Dict[str, Any]) -> Dict[str, Any]:
         log_dir=out / "tb", ckpt_dir=out / "ckpt", ckpt_every=int(tc["ckpt_every"]), device=device, seed=seed,
         batch_size=bs, num_workers=int(dc.get("num_workers") or 0), log_every=int(tc["log_every"]),
         grad_clip=oc.get("grad_clip"), hflip=bool(dc.get("hflip")), progress=progress,
-        calibrate_policy=bool(pc.get("calibrate", True)), total_steps=total)
+        calibrate_policy=bool(pc.get("calibrate", True)), total_steps=total, defense_optim=defense_optim,
+        defense_scheduler=defense_sched, privacy_weight=float(cfg["defense"].get("privacy_weight", 1.0)))
     resume = rc.get("resume")
     ckpt = None
     if resume == "auto":
@@ -209,8 +216,10 @@ def run_training(cfg: Dict[str, Any]) -> Dict[str, Any]:
     results: Dict[str, Any] = {}
     if main:
         masking = getattr(getattr(defense, "mask", None), "config", None)
-        save_model(out / "model.pt", model, head, masking=masking,
-                   extra={"defense": _plain(defense.config), "run": str(name), "steps": trainer.global_step})
+        extra = {"defense": _plain(defense.config), "run": str(name), "steps": trainer.global_step}
+        if learned:   # the trained budgets: create_defense("dctdp", state_path="<run>/model.pt") rebuilds them
+            extra["defense_state"] = {k: v.detach().cpu() for k, v in defense.state_dict().items()}
+        save_model(out / "model.pt", model, head, masking=masking, extra=extra)
         verification = {}
         if ec.get("final", True):
             for tname, vs in sets.items():
@@ -234,6 +243,8 @@ def run_training(cfg: Dict[str, Any]) -> Dict[str, Any]:
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "mask_seed": "secure (OS)" if mseed is None else int(mseed), "paths": paths,
         }
+        if learned and callable(getattr(defense, "train_stats", None)):
+            results["defense_stats"] = _plain(defense.train_stats())
         if policy is not None and policy.trainable:
             context = {"running_loss": float(trainer.running_loss or 0.0), "progress": 1.0}
             save_policy(out / "policy.pt", policy, masking=masking, context=context,
