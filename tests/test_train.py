@@ -443,7 +443,7 @@ def test_cli_quickstart_end_to_end(tmp_path, capsys):
 def test_cli_dctdp_config_trains_its_budgets_end_to_end(tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["train", "--config", str(REPO / "configs" / "celeba_dctdp.yaml"), "train.steps=2", f"run.out_dir={out}",
-            "data.train=null", "eval.targets=[synthetic]", "defense.lr=0.05"] + TINY
+            "data.train=null", "eval.targets=[synthetic]", "optim.defense_lr=0.05"] + TINY
     assert cli_main(argv) == 0
     run = out / "celeba_dctdp"
     res = json.loads((run / "results.json").read_text())

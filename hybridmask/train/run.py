@@ -177,8 +177,9 @@ def run_training(cfg: Dict[str, Any]) -> Dict[str, Any]:
         rw = dict(cfg["reward"])
         reward = LagrangianReward(policy.k_values, **rw)
     # a defense with learnable parameters (DCTDP's noise budget) trains with its own Adam on the same LR schedule
+    # (optim.defense_lr); train.privacy_weight weighs its privacy_loss()
     learned = learnable_defense_parameters(defense, policy)
-    defense_optim = torch.optim.Adam(learned, lr=float(cfg["defense"].get("lr", 0.01))) if learned else None
+    defense_optim = torch.optim.Adam(learned, lr=float(oc.get("defense_lr", 0.01))) if learned else None
     defense_sched = make_scheduler(defense_optim, oc, total) if learned else None
     sets = build_sets(ec, dc.get("synthetic")) if main and (ec.get("every") or ec.get("final", True)) else {}
     eval_fn = make_eval_fn(sets, ec.get("pairs"), int(ec.get("batch_size") or 128)) if ec.get("every") else None
@@ -191,7 +192,7 @@ def run_training(cfg: Dict[str, Any]) -> Dict[str, Any]:
         batch_size=bs, num_workers=int(dc.get("num_workers") or 0), log_every=int(tc["log_every"]),
         grad_clip=oc.get("grad_clip"), hflip=bool(dc.get("hflip")), progress=progress,
         calibrate_policy=bool(pc.get("calibrate", True)), total_steps=total, defense_optim=defense_optim,
-        defense_scheduler=defense_sched, privacy_weight=float(cfg["defense"].get("privacy_weight", 1.0)))
+        defense_scheduler=defense_sched, privacy_weight=float(tc.get("privacy_weight", 1.0)))
     resume = rc.get("resume")
     ckpt = None
     if resume == "auto":

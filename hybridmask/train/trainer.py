@@ -517,7 +517,7 @@ class AlternatingTrainer:
             privacy = float(pl.detach())
             if not math.isfinite(privacy):
                 raise FloatingPointError(f"the defense's privacy loss became {privacy} at step {self.global_step + 1} "
-                                         f"(lower defense.lr or defense.privacy_weight)")
+                                         f"(lower optim.defense_lr or train.privacy_weight)")
             total = loss + self.privacy_weight * pl
         total.backward()
         if D.is_dist():
