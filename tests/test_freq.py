@@ -363,11 +363,23 @@ def test_real_faces_masked_view_is_destroyed_full_inverse_exact(faces_root):
 
 @pytest.mark.parametrize("u", [1, 2])
 @pytest.mark.parametrize("shuffle,mix", [("sample", "neighbour"), ("key", "none"), ("none", "neighbour")])
-def test_fused_encode_equals_the_step_by_step_pipeline(u, shuffle, mix):
-    """encode() folds colour, DCT, selection, shuffle and mix into one per-sample matrix product;
-    it must equal BDCT followed by PPFR-FD with the same secret draws."""
+def test_fast_encode_equals_the_step_by_step_pipeline(u, shuffle, mix):
+    """encode() fuses colour with the block regrouping and gathers the shuffled, mixed channels in
+    one pass; it must equal the textbook steps (colour, upsample, block DCT, select, then the
+    per-sample shuffle-and-mix) with the same secret draws."""
     x = rand_images(3, dtype=torch.float64)
     a = HybridMask(u=u, shuffle=shuffle, mix=mix, seed=7)
     b = HybridMask(u=u, shuffle=shuffle, mix=mix, seed=7)
-    assert torch.allclose(a.encode(x), b.ppfrfd(b.bdct(x)), atol=1e-10)
-    assert torch.allclose(a.encode(x.float()), b.ppfrfd(b.bdct(x.float())), atol=1e-4)
+    for xx, tol in ((x, 1e-10), (x.float(), 1e-4)):
+        y = rgb_to_ycbcr(xx)
+        if u > 1:
+            y = torch.nn.functional.interpolate(y, scale_factor=u, mode="bilinear", align_corners=False)
+        steps = b.ppfrfd.scramble(block_dct(y).index_select(1, torch.tensor(b.kept)))
+        assert torch.allclose(a.encode(xx), steps, atol=tol)
+    # the per-sample linear map view (scramble_rows) draws the same secrets as scramble
+    c, d = HybridMask(u=1, shuffle=shuffle, mix=mix, seed=3), HybridMask(u=1, shuffle=shuffle, mix=mix, seed=3)
+    w = torch.randn(189, 5, dtype=torch.float64)
+    v = torch.randn(2, 5, 1, dtype=torch.float64)
+    lhs = torch.matmul(c.ppfrfd.scramble_rows(w, 2), v)
+    rhs = d.ppfrfd.scramble(torch.matmul(w, v).unsqueeze(-1))
+    assert torch.allclose(lhs, rhs.squeeze(-1), atol=1e-10)

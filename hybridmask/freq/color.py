@@ -17,6 +17,7 @@ _RGB2YCBCR = torch.tensor([
     [0.5, -0.418687589158345, -0.081312410841655],
 ], dtype=torch.float64)
 _YCBCR2RGB = torch.linalg.inv(_RGB2YCBCR)
+RGB2YCBCR = _RGB2YCBCR  # public: the matrix itself, for code that fuses it with other linear maps
 
 
 def _apply(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from ..utils.rng import SeedLike, generator_state, make_generator, set_generator_state
 from ..utils.validate import HybridMaskInputError, check_images
 from .channels import ChannelSpec
-from .color import _RGB2YCBCR
-from .dct import BlockDCT, block_basis
+from .dct import BlockDCT
 from .mixup import FreqMixUp, KLike, MixRecord
 from .ppfrfd import PPFRFD
 
@@ -72,11 +71,6 @@ class HybridMask(nn.Module):
                                granularity=granularity, seed=self.generator)
         self.order = order
         self.pool = pool
-        # colour transform, 8x8 DCT and channel dropping are all linear: one fixed (C_kept, 192) map
-        # kron(M_colour, kron(D, D))[kept] takes a block's RGB pixels straight to its kept coefficients
-        fused = torch.kron(_RGB2YCBCR, block_basis(8, torch.float64))[self.ppfrfd.kept]
-        self.register_buffer("_fused64", fused, persistent=False)
-        self.register_buffer("_fused32", fused.to(torch.float32), persistent=False)
         self._config = dict(u=u, drop=drop if isinstance(drop, (str, type(None))) else list(drop), shuffle=shuffle,
                             mix=mix, k=k if isinstance(k, int) else 1, weights=weights, max_weight=max_weight,
                             alpha=alpha, granularity=granularity, order=order)
@@ -120,23 +114,8 @@ class HybridMask(nn.Module):
 
     # ---- the transform -------------------------------------------------------------------
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """BDCT + PPFR-FD of each face on its own (no MixUp).
-
-        Computed as one batched matrix product per sample: the fixed colour+DCT+selection map with
-        its rows shuffled and mixed by this sample's secret draws, applied to the sample's 8x8 RGB
-        blocks. Bilinear upsampling acts on each colour plane alike, so it commutes with the colour
-        matrix and is done first. Equal to ``self.ppfrfd(self.bdct(images))`` for the same draws."""
-        u = self.bdct.u
-        check_images(images, "images", channels=3, multiple=8 // u)
-        x = images
-        if u > 1:
-            x = F.interpolate(x, scale_factor=u, mode="bilinear", align_corners=False)
-        b, _, h, w = x.shape
-        hb, wb = h // 8, w // 8
-        blocks = x.reshape(b, 3, hb, 8, wb, 8).permute(0, 1, 3, 5, 2, 4).reshape(b, 192, hb * wb)
-        base = self._fused64 if x.dtype == torch.float64 else self._fused32
-        maps = self.ppfrfd.scramble_rows(base.to(device=x.device, dtype=x.dtype), b)
-        return torch.matmul(maps, blocks).reshape(b, -1, hb, wb)
+        """BDCT + PPFR-FD of each face on its own (no MixUp): ``(B, 3, H, W)`` -> ``(B, C_kept, h, w)``."""
+        return self.ppfrfd(self.bdct(images))
 
     def forward(self, images: torch.Tensor, k: Optional[KLike] = None):
         """``(B, 3, H, W)`` in [-1, 1] -> ``(masked (B, C_kept, H*u/8, W*u/8), MixRecord)``."""

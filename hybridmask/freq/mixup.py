@@ -16,11 +16,13 @@ weight is at most ``max_weight`` (InstaHide's rule); ``"dirichlet"`` - ``Dirichl
 """
 from __future__ import annotations
 
+
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..utils.rng import SeedLike, make_generator
 from ..utils.validate import HybridMaskInputError, check_freq
@@ -203,14 +205,17 @@ class FreqMixUp(nn.Module):
     @staticmethod
     def _mix_in_batch(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
                       groups_of: Optional[torch.Tensor]) -> torch.Tensor:
-        """Mixing within the batch is linear: ``out = W @ x`` with a sparse (B, B) mixing matrix (k
-        non-zeros per row), or one such matrix per channel for band/channel weights. One GEMM reads
-        ``x`` once, instead of a gather, a scale and an add per partner."""
+        """Mixing within the batch is linear: ``out_b = sum_j w_bj x_{idx_bj}``. With one weight per
+        image this is exactly a weighted ``embedding_bag`` over the flattened samples: one pass
+        that reads each partner row once (B*k row reads, no (B, B) matrix, no per-partner
+        temporaries); differentiable in ``x`` and ``w``. Band/channel weights use one (B, B)
+        mixing matrix per channel and a batched GEMM."""
         b, c, h, wd = x.shape
-        rows = torch.arange(b, device=x.device).unsqueeze(1).expand_as(idx)
         if groups_of is None:
-            m = x.new_zeros(b, b).index_put_((rows, idx), w, accumulate=True)  # padding repeats the anchor with 0
-            return torch.matmul(m, x.reshape(b, -1)).reshape(b, c, h, wd)
+            # padding (k < kmax) repeats the anchor with weight 0
+            flat = x.reshape(b, -1)
+            return F.embedding_bag(idx, flat, per_sample_weights=w, mode="sum").view(b, c, h, wd)
+        rows = torch.arange(b, device=x.device).unsqueeze(1).expand_as(idx)
         m = x.new_zeros(c, b, b)
         chan = torch.arange(c, device=x.device).view(1, 1, c).expand(b, idx.shape[1], c)
         m.index_put_((chan, rows.unsqueeze(2).expand_as(chan), idx.unsqueeze(2).expand_as(chan)), w, accumulate=True)

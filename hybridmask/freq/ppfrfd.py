@@ -74,7 +74,7 @@ class PPFRFD(nn.Module):
             rows = torch.arange(kept.shape[0], device=kept.device).unsqueeze(1)
             kept = kept[rows, perm.to(kept.device)]  # per-sample channel permutation (copies h*w planes)
         if self.mix == "neighbour":
-            kept = (kept + torch.roll(kept, shifts=-1, dims=1)) / math.sqrt(2.0)
+            kept = torch.add(kept, torch.roll(kept, shifts=-1, dims=1)).mul_(1.0 / math.sqrt(2.0))
         return kept
 
     def scramble_rows(self, matrix: torch.Tensor, batch: int) -> torch.Tensor:
@@ -88,4 +88,17 @@ class PPFRFD(nn.Module):
         return m
 
     def forward(self, freq: torch.Tensor) -> torch.Tensor:
-        return self.scramble(self.select(freq))
+        """Select, shuffle and mix in one pass: each output channel is gathered straight from
+        ``freq`` (row ``b*192 + kept[perm_b[i]]`` of the flattened tensor), and the neighbour mix
+        adds a second gather in place. Same result and draws as ``scramble(select(freq))``."""
+        check_freq(freq, NUM_CHANNELS, "BDCT coefficients")
+        b, _, h, w = freq.shape
+        kept = self.kept_index.to(freq.device)
+        perm = self.permutations(b)
+        src = kept.expand(b, -1) if perm is None else kept[perm.to(freq.device)]         # (B, C_kept)
+        src = src + NUM_CHANNELS * torch.arange(b, device=freq.device).unsqueeze(1)
+        rows = freq.reshape(b * NUM_CHANNELS, h * w)
+        out = rows.index_select(0, src.reshape(-1))
+        if self.mix == "neighbour":
+            out = out.add_(rows.index_select(0, src.roll(-1, dims=1).reshape(-1))).mul_(1.0 / math.sqrt(2.0))
+        return out.view(b, len(self.kept), h, w)
