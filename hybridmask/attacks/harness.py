@@ -113,14 +113,14 @@ def evaluate_defense(defense, attacks: Mapping[str, Attack], data, embedder: Opt
     if grid_dir is not None:
         out["grids"] = {}
         for name, recon in recons.items():
-            path = Path(grid_dir) / f"{_slug(label)}_{_slug(name)}.png"
+            path = Path(grid_dir) / f"{slug(label)}_{slug(name)}.png"
             save_grid(path, [data.victims[:grid_n], masked_view[:grid_n], recon[:grid_n]],
                       row_names=["original", "masked view", f"{name} reconstruction"])
             out["grids"][name] = str(path)
     return out
 
 
-def _slug(s: str) -> str:
+def slug(s: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in str(s))
 
 
@@ -204,6 +204,22 @@ def markdown_table(results: Sequence[Dict]) -> str:
                       f"{_fmt(_mean(d['identity_similarity']))}, rank-1 {_fmt(d['rank1'], 2)}; the original face "
                       f"itself is re-identified at rank-1 {_fmt(b['original_face']['rank1'], 2)}; chance rank-1 = "
                       f"{_fmt(b['chance']['rank1'], 3)}, rank-5 = {_fmt(b['chance']['rank5'], 3)}."]
+    return "\n".join(lines) + "\n"
+
+
+def class_inversion_table(defense_label: str, results: Mapping[str, Dict]) -> str:
+    """Class-inversion results (``evaluate_class_inversion`` outputs by attack name) as Markdown."""
+    lines = ["| defense | attack | inversions | attack acc. (rank-1) | rank-5 | chance rank-1 | identity sim. to target | "
+             "un-optimised GAN rank-1 | target clf. on inversions | target clf. on gallery |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        base = r.get("unoptimised_gan_samples") or {}
+        info = r.get("attack_info") or {}
+        tc = r.get("target_classifier") or {}
+        lines.append(f"| {defense_label} | {name} | {r['n_targets']} | {_fmt(r['attack_accuracy'])} | {_fmt(r['rank5'])} | "
+                     f"{_fmt(r['chance']['rank1'])} | {_fmt(_mean(r['identity_similarity_to_target']))} | "
+                     f"{_fmt(base.get('rank1'))} | {_fmt(info.get('target_classifier_accuracy_on_inversions'), 2)} | "
+                     f"{_fmt(tc.get('gallery_accuracy'), 2)} |")
     return "\n".join(lines) + "\n"
 
 
