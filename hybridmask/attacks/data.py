@@ -244,8 +244,9 @@ def build_classifier_data(class_names: Sequence[str], class_root: Union[str, os.
     """Class-inversion data for a classifier trained elsewhere (class ``i`` is identity ``class_names[i]``).
 
     Targets: up to ``n_targets`` classes (seeded) whose identity has a folder under ``class_root``;
-    the judge's gallery: up to ``gallery_per_class`` of their faces. Attacker-public faces: ``celeba_112``
-    identities that are not classes, or ``lfw_112`` ones when every CelebA identity is a class.
+    the judge's gallery: up to ``gallery_per_class`` of their faces. Attacker-public faces: faces of
+    ``celeba_112`` identities that are not classes, or of ``lfw_112`` ones when CelebA has fewer than
+    ``n_public`` such faces and LFW more (a recognizer trained on all of CelebA is attacked with LFW faces).
     ``train`` is empty: the classifier is already trained.
     """
     names = [str(n) for n in class_names]
@@ -268,13 +269,13 @@ def build_classifier_data(class_names: Sequence[str], class_root: Union[str, os.
         rng.shuffle(files)
         gal_p += files[:gallery_per_class]
         gal_l += [names[i]] * len(files[:gallery_per_class])
-    pub_p = []
+    pub_p: List[Path] = []
     for folder in ("celeba_112", "lfw_112"):
-        if (Path(data_root) / folder).is_dir():
-            pool = list_identities(Path(data_root) / folder)
-            pub_p = [p for n in sorted(pool) if n not in set(names) for p in pool[n]]
-        if len(pub_p) >= 2:
-            break
+        if len(pub_p) >= n_public or not (Path(data_root) / folder).is_dir():
+            continue
+        pool = list_identities(Path(data_root) / folder)
+        cand = [p for n in sorted(pool) if n not in set(names) for p in pool[n]]
+        pub_p = cand if len(cand) > len(pub_p) else pub_p
     if len(pub_p) < 2:
         raise ValueError(f"no attacker-public faces under {data_root} (celeba_112/ or lfw_112/) outside the "
                          f"classifier's {len(names)} identities")
