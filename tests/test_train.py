@@ -497,3 +497,20 @@ def test_ddp_two_processes_matches_single_process(tmp_path):
     assert ck["ranks"][0]["model_checksum"] == ck["ranks"][1]["model_checksum"]
     assert ck["ranks"][0]["policy_checksum"] == ck["ranks"][1]["policy_checksum"]
     assert (ddp / "quickstart" / "policy.pt").is_file() and not list((ddp / "quickstart").glob("*rank1*"))
+
+
+@pytest.mark.slow
+def test_ddp_keeps_learnable_defense_parameters_in_sync(tmp_path):
+    """torchrun, 2 gloo processes with DCTDP: each rank draws its own noise, so only the averaged
+    gradients keep the budgets identical on both ranks."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "hybridmask.cli", "train", "--config", str(REPO / "configs" / "celeba_dctdp.yaml"),
+                        f"run.out_dir={tmp_path}", "run.progress=false", "train.steps=4", "data.train=null",
+                        "eval.targets=[synthetic]", "run.threads=1", "optim.defense_lr=0.1"] + TINY,
+                       capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    ck = safe_torch_load(tmp_path / "celeba_dctdp" / "ckpt" / "last.pt")
+    assert len(ck["ranks"]) == 2 and float(ck["defense_state"]["rho"].abs().max()) > 0
+    assert ck["ranks"][0]["defense_checksum"] == ck["ranks"][1]["defense_checksum"]
+    assert ck["ranks"][0]["model_checksum"] == ck["ranks"][1]["model_checksum"]

@@ -826,6 +826,8 @@ class AlternatingTrainer:
               "model_checksum": float(sum(p.detach().double().sum() for p in self.model.parameters())),
               "policy_checksum": None if self.policy is None else
               float(sum(p.detach().double().sum() for p in self.policy.parameters()))}
+        if self.learn_defense:   # the learnable defense's parameters (gradients averaged over the ranks)
+            st["defense_checksum"] = float(sum(p.detach().double().sum() for p in self.defense_params))
         if torch.cuda.is_available():
             st["cuda"] = torch.cuda.get_rng_state_all()
         return st
