@@ -1,6 +1,7 @@
 """Trainer, configs, CLI, adaptive defense and distributed training (tiny models, synthetic data)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -438,6 +439,29 @@ def test_cli_quickstart_end_to_end(tmp_path, capsys):
     assert cli_main(["train", "--config", str(REPO / "configs" / "quickstart.yaml"), "train.steps=4",
                      f"run.out_dir={out}"] + TINY) == 0
     assert "resumed from" in capsys.readouterr().out
+    # the run's recognizer model card (fr_models/) and the run comparison table / k-histogram PNG
+    card_main = _script("model_card").main
+    assert card_main([str(run), "--out", str(tmp_path / "cards")]) == 0
+    card = (tmp_path / "cards" / "quickstart.md").read_text()
+    printed = capsys.readouterr().out
+    assert "| quickstart | tiny_test-16 |" in printed and "[quickstart.md](quickstart.md)" in printed
+    assert hashlib.sha256((run / "model.pt").read_bytes()).hexdigest() in card
+    assert "mixed-label margin loss: yes" in card and "| LFW (pairs.txt) | not measured |" in card
+    cmp_main = _script("compare_runs").main
+    assert cmp_main([str(run), "--md", str(tmp_path / "cmp.md"), "--png", str(tmp_path / "k.png")]) == 0
+    table = (tmp_path / "cmp.md").read_text()
+    assert "| quickstart | adaptive | adaptive |" in table
+    assert (tmp_path / "k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="results.json"):
+        cmp_main([str(tmp_path / "nowhere")])
+
+
+def _script(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", REPO / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def test_cli_dctdp_config_trains_its_budgets_end_to_end(tmp_path, capsys):

@@ -1,0 +1,71 @@
+#!/usr/bin/env python
+"""Write the model card of a recognizer trained by ``hybridmask train`` into ``fr_models/`` and print
+its index row (for ``fr_models/README.md``).
+
+    python scripts/model_card.py outputs/celeba_ppfrfd [--out fr_models] [--command "hybridmask train ..."]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from hybridmask.train.card import recognizer_card
+from hybridmask.utils import atomic_write
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", help="run folder holding results.json and model.pt")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "fr_models"))
+    p.add_argument("--command", default=None, help="the exact training command (default: from the run name)")
+    args = p.parse_args(argv)
+    run = Path(args.run)
+    res_path, model_path = run / "results.json", run / "model.pt"
+    for f in (res_path, model_path):
+        if not f.is_file():
+            raise SystemExit(f"missing {f}: is {run} a finished hybridmask train run?")
+    try:
+        results = json.loads(res_path.read_text())
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{res_path} is not valid JSON ({e})")
+    if results.get("method") != "hybridmask":
+        raise SystemExit(f"{res_path} is not a hybridmask recognizer run (method={results.get('method')!r})")
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parents[1]).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    digest = sha256(model_path)
+    card = recognizer_card(results, digest, model_path.stat().st_size, commit=commit, command=args.command)
+    name = results.get("run", run.name)
+    out = Path(args.out) / f"{name}.md"
+    with atomic_write(out, "w") as f:
+        f.write(card)
+    model = results.get("model", {})
+    ver = results.get("verification") or {}
+
+    def acc(key):
+        v = ver.get(key)
+        return "not measured" if not v else f"{100 * v['accuracy']:.2f} +- {100 * v['accuracy_std']:.2f}"
+    inp = "pixel 3x112x112" if model.get("stem") == "pixel" else f"freq {model.get('in_chans')}x{model.get('grid')}x{model.get('grid')}, {(results.get('defense') or {}).get('name')}"
+    print(f"wrote {out}")
+    print(f"| {name} | {model.get('name')}-{model.get('embedding_size')} | {inp} | celeba_112 ({results.get('identities')} ids, "
+          f"{results.get('train_images')} images, {results.get('images_seen')} seen) | {acc('lfw')} | {acc('cfp_fp')} | "
+          f"`{results.get('paths', {}).get('model')}` (SHA-256 {digest[:12]}...) | [{name}.md]({name}.md) |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
