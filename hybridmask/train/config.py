@@ -20,6 +20,8 @@ from typing import Any, Dict, Iterable, List, Optional, Union
 
 import yaml
 
+from ..utils import parse_key_value, read_yaml_mapping
+
 PathLike = Union[str, os.PathLike]
 
 #: sections whose keys are passed through as keyword arguments (not validated here)
@@ -41,17 +43,7 @@ def default_base_path() -> Path:
 
 
 def _read_yaml(path: Path) -> Dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"cannot parse config {path}: {e}") from e
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ValueError(f"config {path} must be a mapping at the top level, got {type(data).__name__}")
-    return data
+    return read_yaml_mapping(path, "config")
 
 
 def merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
@@ -86,16 +78,9 @@ def read_config_file(path: PathLike, _seen: Optional[List[Path]] = None) -> Dict
 
 def parse_override(text: str) -> tuple:
     """``"a.b=value"`` -> ``(["a", "b"], parsed value)`` (the value is parsed as YAML)."""
-    if "=" not in text:
-        raise ValueError(f"override {text!r} must look like dotted.key=value (e.g. train.steps=4)")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
+    key, value = parse_key_value(text, "override", "dotted.key=value (e.g. train.steps=4)")
+    if any(not part for part in key.split(".")):
         raise ValueError(f"override {text!r} has an empty key part")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as e:
-        raise ValueError(f"cannot parse the value of override {text!r}: {e}") from e
     return key.split("."), value
 
 

@@ -52,3 +52,38 @@ def safe_torch_load(path: PathLike, map_location: Union[str, torch.device] = "cp
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # corrupt, truncated or not a torch file
         raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+
+
+def read_yaml_mapping(path: PathLike, what: str = "config") -> dict:
+    """Read a YAML file whose top level is a mapping (an empty file gives ``{}``); clear errors for a
+    missing file, bad YAML or another top-level type (``what`` names the file in them)."""
+    import yaml
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"cannot parse {what} {path}: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path} must be a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def parse_key_value(text: str, what: str = "override", example: str = "key=value"):
+    """``"key=value"`` -> ``(key, value)``: the key stripped, the value parsed as YAML (``4`` an int,
+    ``[2, 4]`` a list, ``null`` or nothing None). Used by config overrides and CLI ``--*-arg`` options."""
+    import yaml
+    if "=" not in text:
+        raise ValueError(f"{what} {text!r} must look like {example}")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ValueError(f"{what} {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{what} {text!r}: cannot parse the value: {e}") from None
+    return key, value
