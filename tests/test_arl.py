@@ -242,6 +242,75 @@ def test_perceptual_networks(tmp_path):
         build_perceptual("lpips")
 
 
+def _check_frozen_features(g, x, shapes):
+    """g gives feature maps of ``shapes``, has no trainable parameter, stays in eval mode (BatchNorm
+    statistics untouched by a forward after .train()) and passes the perceptual gradient to its input."""
+    g.train()
+    assert not g.training and not any(p.requires_grad for p in g.parameters())
+    buffers = [b.clone() for b in g.buffers()]
+    assert [tuple(f.shape) for f in g(x)] == shapes
+    assert all(torch.equal(a, b) for a, b in zip(buffers, g.buffers()))
+    a = x.clone().requires_grad_(True)
+    g.loss(a, x.flip(0)).backward()
+    assert a.grad is not None and float(a.grad.abs().sum()) > 0
+    assert all(p.grad is None for p in g.parameters())
+
+
+@pytest.mark.parametrize("arch,shapes", [
+    ("tiny_test", [(2, 8, 56, 56), (2, 8, 28, 28), (2, 8, 14, 14), (2, 16, 7, 7), (2, 16, 7, 7)]),
+    ("mobilefacenet", [(2, 64, 56, 56), (2, 64, 56, 56), (2, 64, 28, 28), (2, 128, 14, 14), (2, 128, 7, 7)]),
+])
+def test_perceptual_g_from_a_saved_recognizer(tmp_path, arch, shapes):
+    """The default g: stem/stage features of a pixel recognizer written by hybridmask.models.save_model."""
+    from hybridmask.models import create_model, save_model
+    net = create_model(arch, stem="pixel", in_chans=3, grid=112, embedding_size=16)
+    save_model(tmp_path / "rec.pt", net)
+    g = build_perceptual("auto", recognizer=str(tmp_path / "rec.pt"))
+    assert str(tmp_path / "rec.pt") in g.description
+    for k, v in net.state_dict().items():   # the weights come from the file
+        torch.testing.assert_close(g.model.state_dict()[k], v)
+    _check_frozen_features(g, faces(2), shapes)
+    assert [tuple(t.shape) for t in g(faces(2)[:, :, :64, :64])] == shapes  # other sizes are resized to 112
+    # wrong files: a frequency recognizer, a VGG state dict, a recognizer given as VGG weights
+    save_model(tmp_path / "freq.pt", create_model(arch, stem="freq", in_chans=189, grid=14, embedding_size=16))
+    with pytest.raises(ValueError, match="pixel input"):
+        build_perceptual("recognizer", recognizer=str(tmp_path / "freq.pt"))
+    torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, tmp_path / "vgg.pth")
+    with pytest.raises(ValueError, match="not a hybridmask recognizer"):
+        build_perceptual("recognizer", recognizer=str(tmp_path / "vgg.pth"))
+    with pytest.raises(ValueError, match="not a VGG-16 state dict.*perceptual.recognizer"):
+        build_perceptual("vgg16", vgg_weights=str(tmp_path / "rec.pt"))
+    with pytest.raises(FileNotFoundError):
+        build_perceptual("recognizer", recognizer=str(tmp_path / "missing.pt"))
+
+
+def test_perceptual_g_from_a_torchvision_vgg16_state_dict(tmp_path):
+    """g from a whole torchvision vgg16 state dict (random weights; the architecture and key names come from
+    torchvision itself). Its classifier (119M numbers g never reads) is stored as zero-stride broadcast views
+    so that the file stays small; the conv weights are real random tensors."""
+    tv = pytest.importorskip("torchvision")
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in tv.models.vgg16(weights=None).state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    state = {k: (torch.randn(s, generator=gen) * 0.05 if k.startswith("features.") else torch.zeros(1).expand(s))
+             for k, s in shapes.items()}
+    assert any(k.startswith("classifier.") for k in state)
+    torch.save(state, tmp_path / "vgg16.pth")
+    g = build_perceptual("auto", vgg_weights=str(tmp_path / "vgg16.pth"))
+    assert "VGG-16" in g.description
+    torch.testing.assert_close(g.net[0].weight, state["features.0.weight"])     # conv1_1 from the file
+    torch.testing.assert_close(g.net[28].weight, state["features.28.weight"])   # conv5_3 from the file
+    _check_frozen_features(g, faces(2), [(2, 64, 112, 112), (2, 128, 56, 56), (2, 256, 28, 28), (2, 512, 14, 14),
+                                         (2, 512, 7, 7)])
+    # wrong files: a state dict missing conv5_3's weight, a truncated file
+    torch.save({k: v for k, v in state.items() if k != "features.28.weight"}, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match="not a VGG-16 state dict"):
+        build_perceptual("vgg16", vgg_weights=str(tmp_path / "partial.pth"))
+    (tmp_path / "trunc.pth").write_bytes((tmp_path / "vgg16.pth").read_bytes()[:1000])
+    with pytest.raises(ValueError, match="cannot read"):
+        build_perceptual("vgg16", vgg_weights=str(tmp_path / "trunc.pth"))
+
+
 # --------------------------------------------------------------------------- defense + checkpoints
 def test_arl_defense_interface_and_checkpoint(tmp_path):
     assert "arl" in list_defenses()

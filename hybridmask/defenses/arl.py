@@ -438,7 +438,15 @@ class VGGFeatures(PerceptualNet):
             state = state["state_dict"]
         if not isinstance(state, dict):
             raise ValueError(f"{path} does not hold a state dict")
+        fmt = state.get("format")
+        if isinstance(fmt, str) and fmt.startswith("hybridmask."):
+            raise ValueError(f"{path} is a {fmt} checkpoint, not a VGG-16 state dict (a hybridmask pixel recognizer "
+                             f"goes in perceptual.recognizer, with perceptual.kind 'recognizer' or 'auto')")
         feats = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")} or dict(state)
+        odd = sorted(str(k) for k in feats if not str(k).split(".")[0].isdigit())
+        if odd:
+            raise ValueError(f"{path} is not a VGG-16 state dict: unexpected keys {odd[:3]} (expected the "
+                             f"torchvision vgg16 keys features.N.weight / features.N.bias, or N.weight / N.bias)")
         net = vgg16_features()[:VGG16_TAPS[-1] + 1]
         try:
             net.load_state_dict({k: v for k, v in feats.items() if int(k.split(".")[0]) <= VGG16_TAPS[-1]},
