@@ -317,14 +317,17 @@ def _conditional_p(d2: np.ndarray, perplexity: float, tol: float = 1e-5, max_ite
     return p
 
 
-def tsne(x: ArrayLike, dim: int = 2, perplexity: float = 30.0, iterations: int = 1000, learning_rate: float = 200.0,
+def tsne(x: ArrayLike, dim: int = 2, perplexity: float = 30.0, iterations: int = 1000,
+         learning_rate: Optional[float] = None,
          early_exaggeration: float = 12.0, pca_dim: int = 50, seed: int = 0) -> np.ndarray:
     """Exact t-SNE (van der Maaten & Hinton 2008) in numpy: (N, D) -> (N, dim).
 
     Inputs are centred and reduced to ``pca_dim`` dimensions by PCA first; affinities use a binary
     search for each point's bandwidth; the optimiser is gradient descent with momentum (0.5, then
     0.8 after 250 iterations), delta-bar-delta gains and early exaggeration for the first 250
-    iterations. Cost O(N^2) per iteration: fine for a few hundred to ~2,000 points.
+    iterations. ``learning_rate=None`` uses ``max(N / early_exaggeration / 4, 50)`` (Belkina et al.
+    2019, sklearn's "auto"): the classic fixed 200 overshoots for small N and can tear clusters apart.
+    Cost O(N^2) per iteration: fine for a few hundred to ~2,000 points.
     """
     a = _np(x, "x").astype(np.float64)
     a = a.reshape(a.shape[0], -1)
@@ -334,6 +337,8 @@ def tsne(x: ArrayLike, dim: int = 2, perplexity: float = 30.0, iterations: int =
     if not np.all(np.isfinite(a)):
         raise HybridMaskInputError("t-SNE input contains NaN or infinite values")
     perplexity = float(min(perplexity, (n - 1) / 3.0))
+    if learning_rate is None:
+        learning_rate = max(n / early_exaggeration / 4.0, 50.0)
     a = a - a.mean(0)
     if a.shape[1] > pca_dim:
         u, s, _ = np.linalg.svd(a, full_matrices=False)
