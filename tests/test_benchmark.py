@@ -1,0 +1,226 @@
+"""The privacy-utility benchmark (hybridmask benchmark): config fingerprints and run reuse, folder
+placement (never into another config's folder, waiting for a folder another process is writing), the
+dry-run plan, the target checks, and the whole pipeline end to end on a handful of real faces with
+the tiny budget (report, JSON and PNGs written; a second invocation reuses every run; a changed
+config is trained in a new folder)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hybridmask import benchmark as B
+from hybridmask.cli import main as cli_main
+from hybridmask.train.config import dump_config
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "configs" / "benchmark.yaml"
+
+
+def _bench(runs_dir: Path, budget: str = "tiny"):
+    b = B.load_benchmark(BENCH, budget)
+    b["runs_dir"] = str(runs_dir)
+    return b
+
+
+def _spec(key: str):
+    return next(d for d in B.load_benchmark(BENCH, "tiny")["defenses"] if d["key"] == key)
+
+
+# ---- fingerprints, folders, plan (no data needed) -------------------------------------------------------------
+def test_fingerprint_ignores_volatile_keys_and_changes_with_the_config(tmp_path):
+    b = _bench(tmp_path)
+    base = B.resolve_entry(_spec("ppfrfd"), b, 0, None, [])
+    vol = B.resolve_entry(_spec("ppfrfd"), b, 0, None, ["run.progress=false", "run.resume=null", "run.threads=1"])
+    assert vol.hash == base.hash and vol.fp == base.fp
+    other = B.resolve_entry(_spec("ppfrfd"), b, 0, None, ["train.steps=5"])
+    assert other.hash != base.hash
+    assert "train.steps: 3 -> 5" in B.config_diff(other.fp, base.fp)
+    assert B.resolve_entry(_spec("ppfrfd"), b, 1, None, []).hash != base.hash   # the seed is part of the config
+    # the budget's overrides reach the training config, by input kind
+    assert base.config["model"]["name"] == "tiny_test" and base.kind == "freq"
+    arl = B.resolve_entry(_spec("arl"), b, 0, None, [])
+    assert arl.method == "arl" and arl.config["model"]["width"] == 4 and arl.config["eval"]["enabled"] is False
+
+
+def _write_run(folder: Path, cfg, finished: bool, age: float = 0.0):
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(dump_config(cfg))
+    if finished:
+        (folder / "model.pt").write_bytes(b"weights")
+        (folder / "results.json").write_text(json.dumps({"config": cfg, "paths": {}}))
+    if age:
+        t = time.time() - age
+        for p in [folder, *folder.iterdir()]:
+            os.utime(p, (t, t))
+
+
+def test_place_run_reuses_same_config_and_never_writes_into_another(tmp_path):
+    b = _bench(tmp_path)
+    e = B.resolve_entry(_spec("fixed_k2"), b, 0, None, [])
+    name = e.run_dir.name
+    B.place_run(e, busy_seconds=300)
+    assert e.status == "train" and e.run_dir == tmp_path / name             # nothing there yet
+
+    other = B.resolve_entry(_spec("fixed_k2"), b, 0, None, ["train.steps=7"])
+    _write_run(tmp_path / name, other.config, finished=True)               # another config's finished run
+    e = B.resolve_entry(_spec("fixed_k2"), b, 0, None, [])
+    B.place_run(e, busy_seconds=300)
+    assert e.status == "train" and e.run_dir == tmp_path / f"{name}-{e.hash[:8]}"
+    assert "holds another config" in e.note and "train.steps: 7 -> 3" in e.note
+    assert e.config["run"]["name"] == f"{name}-{e.hash[:8]}" and e.config["run"]["out_dir"] == str(tmp_path)
+
+    same = dict(e.config, run=dict(e.config["run"], progress=False))       # differs only in volatile keys
+    _write_run(e.run_dir, same, finished=True)
+    e2 = B.resolve_entry(_spec("fixed_k2"), b, 0, None, [])
+    B.place_run(e2, busy_seconds=300)
+    assert e2.status == "reuse" and e2.run_dir == e.run_dir
+
+    # an unfinished run of the same config: being written (wait) or abandoned (resume)
+    e3 = B.resolve_entry(_spec("dctdp"), b, 0, None, [])
+    _write_run(tmp_path / e3.run_dir.name, e3.config, finished=False)
+    B.place_run(e3, busy_seconds=300)
+    assert e3.status == "wait"
+    e4 = B.resolve_entry(_spec("instahide"), b, 0, None, [])
+    _write_run(tmp_path / e4.run_dir.name, e4.config, finished=False, age=1000)
+    B.place_run(e4, busy_seconds=300)
+    assert e4.status == "resume" and e4.run_dir == tmp_path / e4.run_dir.name
+
+
+def test_load_benchmark_names_bad_input(tmp_path):
+    good = yaml.safe_load(BENCH.read_text())
+
+    def write(d):
+        p = tmp_path / "b.yaml"
+        p.write_text(yaml.safe_dump(d))
+        return p
+    with pytest.raises(ValueError, match="unknown key.*defences"):
+        B.load_benchmark(write(dict(good, defences=[])), "small")
+    with pytest.raises(ValueError, match="no budgets.small"):
+        B.load_benchmark(write(dict(good, budgets={"tiny": good["budgets"]["tiny"]})), "small")
+    with pytest.raises(ValueError, match="unknown attack.*gmi"):
+        B.load_benchmark(write(dict(good, attacks=dict(good["attacks"], run=["cgan_whitebox", "gmi"]))), "small")
+    with pytest.raises(ValueError, match="appears twice"):
+        B.load_benchmark(write(dict(good, defenses=good["defenses"] + good["defenses"][:1])), "small")
+    with pytest.raises(ValueError, match="--only: unknown defense"):
+        cli_args = ["benchmark", "--budget", "tiny", "--dry-run", "--only", "nope", "--out-dir", str(tmp_path)]
+        B.run(_parse(cli_args))
+
+
+def _parse(argv):
+    import argparse
+    p = argparse.ArgumentParser()
+    B.add_arguments(p)
+    return p.parse_args(argv[1:])
+
+
+def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert cli_main(["benchmark", "--budget", "small", "--dry-run", "--out-dir", str(out)]) == 0
+    text = capsys.readouterr().out
+    for label in ("unprotected (pixels)", "PPFR-FD", "freq MixUp k=6", "InstaHide k=4", "DCTDP", "ARL (identity)",
+                  "adaptive hybrid masking"):
+        assert label in text
+    assert text.count("[train ]") == 9                       # an empty runs folder: everything is trained
+    assert "demix: n/a" in text and "estimate" in text and "total" in text
+    assert not out.exists()                                  # a dry run writes nothing
+
+
+def _row(label, role, lfw, rank1, ssim, spp):
+    return {"label": label, "role": role, "verification": {"lfw": {"accuracy": lfw}},
+            "attacks": {"attacks": {"cgan_whitebox": {"rank1": rank1, "ssim": {"mean": ssim}, "score_pp": spp}}}}
+
+
+def test_target_checks_report_met_and_not_met():
+    rows = [_row("unprotected", "unprotected", 0.90, 0.9, 0.8, 0.2), _row("PPFR-FD", "ppfrfd", 0.85, 0.1, 0.3, 0.8),
+            _row("k=4", "fixed_k", 0.89, 0.05, 0.3, 0.85), _row("adaptive", "adaptive", 0.885, 0.03, 0.35, 0.84)]
+    text = "\n".join(B.target_checks(rows))
+    assert "gap +1.50 points) - **met**" in text
+    assert "under 5 % of cases: 3.0 % - **met**" in text and "below 0.4: 0.350 - **met**" in text
+    assert "than PPFR-FD at equal or better accuracy: Score_pp 0.840 vs 0.800, LFW 88.50 % vs 85.00 % - **met**" in text
+    assert "than k=4 at equal or better accuracy: Score_pp 0.840 vs 0.850, LFW 88.50 % vs 89.00 % - **not met**" in text
+    assert B.target_checks([rows[0]]) == ["No defense has role `adaptive`: no target checks."]
+
+
+# ---- the whole pipeline on real faces (tiny budget) --------------------------------------------------------------
+ONLY = "unprotected,fixed_k2,dctdp,arl,adaptive"
+
+
+def _small_root(faces_root: Path, dst: Path) -> Path:
+    """A data root with 10 CelebA identities (symlinks; ARL loads every CelebA identity) and the real LFW/CFP."""
+    (dst / "celeba_112").mkdir(parents=True)
+    for d in sorted(p for p in (faces_root / "celeba_112").iterdir() if p.is_dir())[:10]:
+        (dst / "celeba_112" / d.name).symlink_to(d.resolve(), target_is_directory=True)
+    for name in ("lfw_112", "cfp_112"):
+        (dst / name).symlink_to((faces_root / name).resolve(), target_is_directory=True)
+    return dst
+
+
+def _invoke(root: Path, out: Path, *extra: str) -> int:
+    return cli_main(["benchmark", "--budget", "tiny", "--data", str(root), "--out-dir", str(out), "--defense-seed", "3",
+                     "--override", "run.mask_seed=1", "--quiet", *extra])
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(faces_root, tmp_path_factory):
+    base = tmp_path_factory.mktemp("bench")
+    root = _small_root(faces_root, base / "data")
+    out = base / "out"
+    assert _invoke(root, out, "--only", ONLY) == 0
+    return root, out
+
+
+def _payload(out: Path):
+    return json.loads((out / "results" / "results.json").read_text())
+
+
+def test_tiny_benchmark_writes_report_json_and_pngs(tiny_bench):
+    from PIL import Image
+    _, out = tiny_bench
+    p = _payload(out)
+    rows = {r["key"]: r for r in p["defenses"]}
+    assert list(rows) == ONLY.split(",")
+    md = (out / "results.md").read_text()
+    for r in rows.values():
+        assert f"| {r['label']}" in md
+        assert r["status"] == "trained" and Path(r["run_dir"], "results.json").is_file()
+        for t in ("lfw", "cfp_fp"):
+            assert 0.0 <= r["verification"][t]["accuracy"] <= 1.0 and r["verification"][t]["pairs"] == 40
+        att = r["attacks"]["attacks"]
+        assert {"cgan_whitebox", "cgan_blackbox", "embedding_inversion"} <= set(att)
+        for a in att.values():
+            assert -1.0 <= a["ssim"]["mean"] <= 1.0 and 0.0 <= a["rank1"] <= a["rank5"] <= 1.0
+            assert 0.0 <= a["score_pp"] <= 2.0
+        assert ("demix" in att) == (r["key"] not in ("unprotected", "arl"))   # deterministic releases: no demix
+        assert Image.open(r["grid"]).size[1] > 112 * (2 + len(att))           # original, masked view, one row per attack
+        assert r["config"]["run"]["seed"] == 0 if r["method"] == "hybridmask" else r["config"]["seed"] == 0
+    assert rows["dctdp"]["attacks"]["defense_args"]["state_path"].endswith("model.pt")      # the trained budgets
+    assert rows["adaptive"]["attacks"]["defense_args"]["policy_path"].endswith("policy.pt")  # the trained policy
+    assert rows["unprotected"]["mask_seed"] == 1 and p["attack_settings"]["defense_seed"] == 3
+    assert Image.open(out / "results" / "privacy_utility.png").size[0] > 600
+    assert "## Targets (issue 7)" in md and "## Appendix: runs, configs and seeds" in md
+    assert "![privacy-utility](results/privacy_utility.png)" in md
+
+
+def test_second_invocation_reuses_runs_and_changed_config_is_trained_apart(tiny_bench, capsys):
+    root, out = tiny_bench
+    runs = out / "runs"
+    before = {p: p.stat().st_mtime_ns for p in runs.glob("*/*") if p.is_file()}
+    capsys.readouterr()
+    assert _invoke(root, out, "--only", ONLY) == 0
+    text = capsys.readouterr().out
+    assert "training" not in text and text.count(": reusing ") == 5 and text.count("attack results cached") == 5
+    assert {p: p.stat().st_mtime_ns for p in runs.glob("*/*") if p.is_file()} == before   # nothing rewritten
+    assert {r["status"] for r in _payload(out)["defenses"]} == {"reuse"}
+
+    # a changed config is not reused: it trains in <name>-<hash>/, the finished run stays as it was
+    assert _invoke(root, out, "--only", "fixed_k2", "--override", "train.steps=4") == 0
+    row = _payload(out)["defenses"][0]
+    assert row["status"] == "trained" and Path(row["run_dir"]).name.startswith("celeba_fixed_k2-")
+    assert json.loads(Path(row["run_dir"], "results.json").read_text())["config"]["train"]["steps"] == 4
+    assert {p: p.stat().st_mtime_ns for p in runs.glob("celeba_fixed_k2/*") if p.is_file()} == \
+        {p: t for p, t in before.items() if p.parent.name == "celeba_fixed_k2"}
