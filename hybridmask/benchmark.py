@@ -413,6 +413,18 @@ class ARLEmbedding(torch.nn.Module):
         return e.flatten(1) if e.dim() > 2 else e
 
 
+class OnDevice(torch.nn.Module):
+    """Runs ``model`` on ``device`` for inputs and outputs that live on the CPU (the defenses run there)."""
+
+    def __init__(self, model: torch.nn.Module, device: str):
+        super().__init__()
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(self.device)).cpu()
+
+
 def mean_k(results: Dict[str, Any]) -> Optional[int]:
     kh = (results.get("train") or {}).get("k_hist") or {}
     tot = sum(float(v) for v in kh.values())
@@ -465,6 +477,8 @@ def _resolve_device(spec: str) -> str:
 
 # ---- the benchmark -------------------------------------------------------------------------------------------
 class Benchmark:
+    poll_seconds = 30.0      # how often a folder another process is writing is looked at again
+
     def __init__(self, bench: Dict[str, Any], args: argparse.Namespace):
         self.b = bench
         self.args = args
@@ -595,7 +609,7 @@ class Benchmark:
     def _wait(self, e: Entry) -> None:
         _log(f"{e.label}: {e.run_dir} is being written by another process (same config); waiting", self.t0)
         while True:
-            time.sleep(30)
+            time.sleep(self.poll_seconds)
             state, detail = inspect_folder(e.run_dir, e, self.args.busy_seconds)
             if state == "finished":
                 e.status = "reuse"
@@ -674,7 +688,7 @@ class Benchmark:
             if name == "demix" and kw.get("k") is None and e.defense_name == "adaptive":
                 kw["k"] = mean_k(e.results or {}) or 4     # the policy's mean k in training (for the de-biasing)
             if name == "embedding_inversion":
-                kw["recognizer"] = recognizer
+                kw["recognizer"] = recognizer if device == "cpu" else OnDevice(recognizer, device)
             attacks[name] = create_attack(kind, **kw)
         recons: Dict[str, torch.Tensor] = {}
         for name, atk in attacks.items():

@@ -224,3 +224,25 @@ def test_second_invocation_reuses_runs_and_changed_config_is_trained_apart(tiny_
     assert json.loads(Path(row["run_dir"], "results.json").read_text())["config"]["train"]["steps"] == 4
     assert {p: p.stat().st_mtime_ns for p in runs.glob("celeba_fixed_k2/*") if p.is_file()} == \
         {p: t for p, t in before.items() if p.parent.name == "celeba_fixed_k2"}
+
+
+def test_waits_for_a_run_another_process_finishes(tmp_path):
+    import threading
+    args = _parse(["benchmark", "--budget", "tiny", "--only", "dctdp", "--out-dir", str(tmp_path)])
+    spec_cfg = B.resolve_entry(_spec("dctdp"), _bench(tmp_path / "runs"), 0, None, []).config
+    folder = tmp_path / "runs" / spec_cfg["run"]["name"]
+    _write_run(folder, spec_cfg, finished=False)                 # written a moment ago: another process's
+    bm = B.Benchmark(B.load_benchmark(BENCH, "tiny"), args)
+    e = bm.entries[0]
+    assert e.status == "wait" and e.run_dir == folder
+    bm.poll_seconds = 0.05
+
+    def finish():
+        time.sleep(0.3)
+        (folder / "model.pt").write_bytes(b"weights")
+        (folder / "results.json").write_text(json.dumps({"config": spec_cfg, "paths": {}}))
+    t = threading.Thread(target=finish)
+    t.start()
+    bm._wait(e)
+    t.join()
+    assert e.status == "reuse"                                   # its results are used, nothing retrained
