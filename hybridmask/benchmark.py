@@ -280,10 +280,9 @@ def _recorded_config(folder: Path, method: str) -> Tuple[Optional[Dict[str, Any]
         cfg = r.get("config") if isinstance(r, dict) else None
         if not isinstance(cfg, dict):
             return None, False, "results.json records no config"
-        paths = r.get("paths") or {}
-        missing = [k for k in ("model", "policy") if paths.get(k) and not Path(paths[k]).is_file()]
-        if not (folder / "model.pt").is_file():
-            missing.append("model")
+        paths = r.get("paths") or {}     # recorded relative to the trainer's working directory: look in the folder
+        missing = [k for k in ("model", "policy") if (k == "model" or paths.get(k))
+                   and not (folder / Path(paths.get(k) or "model.pt").name).is_file()]
         return cfg, not missing, f"missing {', '.join(sorted(set(missing)))}" if missing else ""
     cy = folder / "config.yaml"
     if cy.is_file():
