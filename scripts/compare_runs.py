@@ -63,7 +63,7 @@ def plot(results: List[Dict], out: Path) -> None:
     import matplotlib.pyplot as plt
     ks = sorted({k for r in results for k in k_hist(r)})
     n = len(results)
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(ks) + 0.3 * n, 3.4))
+    fig, ax = plt.subplots(figsize=(4.2 + 1.1 * len(ks) + 0.3 * n, 3.4))
     width = 0.8 / n
     for i, r in enumerate(results):
         kh = k_hist(r)
@@ -72,7 +72,7 @@ def plot(results: List[Dict], out: Path) -> None:
     ax.set_xticks(range(len(ks)), [f"k={k}" for k in ks])
     ax.set_ylabel("fraction of training faces")
     ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     ax.set_title("k chosen per face during training")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
