@@ -168,3 +168,25 @@ def test_state_path_loads_trained_budgets(tmp_path):
     atomic_save({"format": "other"}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a hybridmask"):
         DCTDPDefense(state_path=str(tmp_path / "other.pt"))
+
+
+def test_budget_floor_keeps_noise_finite_when_the_privacy_loss_pushes_a_budget_to_zero():
+    """-log(mean noise scale) is unbounded below as one budget -> 0; the floor stops the collapse
+    (a 400-step CelebA run without it released inf at step 204)."""
+    x = torch.rand(2, 3, 112, 112) * 2 - 1
+    for alloc in ("softmax", "free"):
+        d = create_defense("dctdp", allocation=alloc, seed=0)
+        with torch.no_grad():
+            d.rho[0] = -1e4                       # what a diverged optimiser leaves behind
+        eps = d.epsilon()
+        assert float(eps.min()) == pytest.approx(0.01 * d.budget_mean)
+        if alloc == "softmax":
+            assert float(eps.sum()) == pytest.approx(d.total_budget, rel=1e-5)
+        out, _ = d.release(x)
+        assert torch.isfinite(out).all() and torch.isfinite(d.privacy_loss())
+    d = create_defense("dctdp", min_budget_fraction=0.0, seed=0)
+    with torch.no_grad():
+        d.rho[0] = -1e4
+    assert float(d.epsilon().min()) == 0.0            # no floor: the collapse the default prevents
+    with pytest.raises(ValueError, match="min_budget_fraction"):
+        create_defense("dctdp", min_budget_fraction=1.5)

@@ -17,6 +17,9 @@ Pipeline for faces ``x`` (B, 3, 112, 112) in [-1, 1]::
     :meth:`privacy_loss` adds the penalty ``penalty_weight * relu(sum(eps) / total - 1)``;
     :meth:`project_` rescales the budgets onto the constraint (call it after an optimiser step for a
     hard constraint).
+  Every budget is kept >= ``min_budget_fraction * budget_mean`` (default 1 %: softmax = that floor
+  plus a softmax share of the rest, so the sum is unchanged; free = clamped): the privacy loss is
+  unbounded below as one budget -> 0, which otherwise drives that channel's noise to infinity.
 * The noise is reparameterised: ``L = -sign(U) * log(1 - 2|U|)`` with ``U ~ Uniform(-1/2, 1/2)`` drawn
   from the defense's own generator (``seed=None``: secure OS seed), so the recognizer's loss
   back-propagates into ``rho`` (and ``loc``) while the draws stay secret.
@@ -98,14 +101,16 @@ class DCTDPDefense(Defense):
 
     def __init__(self, u: int = 1, budget_mean: float = 4.0, granularity: str = "channel",
                  allocation: str = "softmax", sensitivity: Union[float, str] = 1.0 / 127.5,
-                 learn_loc: bool = True, penalty_weight: float = 1.0, state_path: Optional[str] = None,
-                 seed: SeedLike = None):
+                 learn_loc: bool = True, penalty_weight: float = 1.0, min_budget_fraction: float = 0.01,
+                 state_path: Optional[str] = None, seed: SeedLike = None):
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         if allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
         if not (isinstance(budget_mean, (int, float)) and math.isfinite(budget_mean) and budget_mean > 0):
             raise ValueError(f"budget_mean must be a positive number, got {budget_mean!r}")
+        if not (isinstance(min_budget_fraction, (int, float)) and 0 <= min_budget_fraction < 1):
+            raise ValueError(f"min_budget_fraction must be in [0, 1), got {min_budget_fraction!r}")
         if isinstance(sensitivity, str):
             if sensitivity != "bound":
                 raise ValueError(f"sensitivity must be a positive number or 'bound', got {sensitivity!r}")
@@ -114,6 +119,7 @@ class DCTDPDefense(Defense):
         super().__init__(u=u, budget_mean=float(budget_mean), granularity=granularity, allocation=allocation,
                          sensitivity=sensitivity if isinstance(sensitivity, str) else float(sensitivity),
                          learn_loc=bool(learn_loc), penalty_weight=float(penalty_weight),
+                         min_budget_fraction=float(min_budget_fraction),
                          state_path=None if state_path is None else str(state_path))
         self.bdct = BlockDCT(u)
         _, kept = split_channels("dc")
@@ -126,6 +132,10 @@ class DCTDPDefense(Defense):
         self.budget_mean = float(budget_mean)
         self.granularity, self.allocation = granularity, allocation
         self.penalty_weight = float(penalty_weight)
+        # floor on every budget: privacy_loss (-log mean noise scale) is unbounded below as any single
+        # budget -> 0, so without a floor the optimiser drives one channel's budget to underflow and its
+        # noise to inf (a 400-step CelebA run hit NaN at step 204)
+        self.min_budget = float(min_budget_fraction) * float(budget_mean)
         self.rho = nn.Parameter(torch.zeros(shape))
         self.loc = nn.Parameter(torch.zeros(shape), requires_grad=bool(learn_loc))
         if sensitivity == "bound":
@@ -187,8 +197,9 @@ class DCTDPDefense(Defense):
         """Per-channel (C,1,1) or per-coefficient (C,g,g) budgets, differentiable in ``rho``."""
         if self.allocation == "softmax":
             w = torch.softmax(self.rho.reshape(-1), 0).reshape(self.budget_shape)
-            return w * self.total_budget
-        return self.budget_mean * torch.exp(self.rho)
+            # floor + a softmax share of the rest: the sum stays exactly the total budget
+            return self.min_budget + w * (self.total_budget - self.min_budget * self.num_budgets)
+        return (self.budget_mean * torch.exp(self.rho)).clamp_min(self.min_budget)
 
     def noise_scale(self) -> torch.Tensor:
         """Laplace scale ``b = sensitivity / eps`` (std = sqrt(2) * b)."""
