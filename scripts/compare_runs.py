@@ -8,25 +8,19 @@ held-out utility U, LFW / CFP-FP verification, training time) and a PNG of the k
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Dict, List
 
+from hybridmask.train.card import read_run_results
 from hybridmask.utils import atomic_write
 
 
 def load(run: Path) -> Dict:
-    f = run / "results.json"
-    if not f.is_file():
-        raise SystemExit(f"missing {f}: is {run} a finished hybridmask train run?")
     try:
-        res = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"{f} is not valid JSON ({e})")
-    if res.get("method") != "hybridmask":
-        raise SystemExit(f"{f} is not a hybridmask trainer run")
-    return res
+        return read_run_results(run)
+    except ValueError as e:
+        raise SystemExit(str(e))
 
 
 def k_hist(res: Dict) -> Dict[int, float]:

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import subprocess
 import sys
 from pathlib import Path
 
-from hybridmask.train.card import recognizer_card
+from hybridmask.train.card import read_run_results, recognizer_card
 from hybridmask.utils import atomic_write
 
 
@@ -32,16 +31,13 @@ def main(argv=None) -> int:
     p.add_argument("--command", default=None, help="the exact training command (default: from the run name)")
     args = p.parse_args(argv)
     run = Path(args.run)
-    res_path, model_path = run / "results.json", run / "model.pt"
-    for f in (res_path, model_path):
-        if not f.is_file():
-            raise SystemExit(f"missing {f}: is {run} a finished hybridmask train run?")
+    model_path = run / "model.pt"
     try:
-        results = json.loads(res_path.read_text())
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"{res_path} is not valid JSON ({e})")
-    if results.get("method") != "hybridmask":
-        raise SystemExit(f"{res_path} is not a hybridmask recognizer run (method={results.get('method')!r})")
+        results = read_run_results(run)
+    except ValueError as e:
+        raise SystemExit(str(e))
+    if not model_path.is_file():
+        raise SystemExit(f"missing {model_path}: is {run} a finished hybridmask train run?")
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).resolve().parents[1]).stdout.strip() or "unknown"

@@ -8,6 +8,20 @@ from typing import Any, Dict, Optional, Union
 from ..utils import atomic_write
 
 
+def read_run_results(run: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """``<run>/results.json`` of a finished ``hybridmask train`` run; ``ValueError`` naming the problem
+    (missing file, invalid JSON, not a hybridmask trainer run)."""
+    from ..utils.io import read_json_mapping
+    f = os.path.join(run, "results.json")
+    try:
+        res = read_json_mapping(f, "run results")
+    except FileNotFoundError:
+        raise ValueError(f"missing {f}: is {run} a finished hybridmask train run?") from None
+    if res.get("method") != "hybridmask":
+        raise ValueError(f"{f} is not a hybridmask trainer run")
+    return res
+
+
 def _pct(v: Optional[float]) -> str:
     return "n/a" if v is None else f"{100 * float(v):.1f} %"
 

@@ -58,12 +58,22 @@ def read_yaml_mapping(path: PathLike, what: str = "config") -> dict:
     """Read a YAML file whose top level is a mapping (an empty file gives ``{}``); clear errors for a
     missing file, bad YAML or another top-level type (``what`` names the file in them)."""
     import yaml
+    return _read_mapping(path, what, yaml.safe_load, yaml.YAMLError)
+
+
+def read_json_mapping(path: PathLike, what: str = "JSON file") -> dict:
+    """Same as :func:`read_yaml_mapping` for a JSON file."""
+    import json
+    return _read_mapping(path, what, json.loads, json.JSONDecodeError)
+
+
+def _read_mapping(path: PathLike, what: str, loads, errors) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
+        data = loads(path.read_text())
+    except errors as e:
         raise ValueError(f"cannot parse {what} {path}: {e}") from None
     if data is None:
         return {}
