@@ -7,21 +7,12 @@ its index row (for ``fr_models/README.md``).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import subprocess
 import sys
 from pathlib import Path
 
 from hybridmask.train.card import read_run_results, recognizer_card
-from hybridmask.utils import atomic_write
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from hybridmask.utils import atomic_write, file_sha256
 
 
 def main(argv=None) -> int:
@@ -43,7 +34,7 @@ def main(argv=None) -> int:
                                 cwd=Path(__file__).resolve().parents[1]).stdout.strip() or "unknown"
     except OSError:
         commit = "unknown"
-    digest = sha256(model_path)
+    digest = file_sha256(model_path)
     card = recognizer_card(results, digest, model_path.stat().st_size, commit=commit, command=args.command)
     name = results.get("run", run.name)
     out = Path(args.out) / f"{name}.md"

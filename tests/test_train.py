@@ -459,6 +459,44 @@ def test_cli_quickstart_end_to_end(tmp_path, capsys):
     assert (tmp_path / "k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit, match="results.json"):
         cmp_main([str(tmp_path / "nowhere")])
+    # publishing the policy into a policies/ folder: the same weights, a card naming the committed file
+    pub = _script("publish_policy")
+    assert pub.main([str(run), "--to", str(tmp_path / "pols")]) == 0
+    printed = capsys.readouterr().out
+    assert "| quickstart | [`quickstart.pt`](quickstart.pt) |" in printed and "[quickstart.md](quickstart.md)" in printed
+    assert (tmp_path / "pols" / "quickstart.pt").read_bytes() == (run / "policy.pt").read_bytes()
+    pcard = (tmp_path / "pols" / "quickstart.md").read_text()
+    assert "published from" in pcard and "not in the repository" not in pcard
+    assert hashlib.sha256((run / "policy.pt").read_bytes()).hexdigest()[:16] in pcard
+    assert sorted(p.name for p in (tmp_path / "pols").iterdir()) == ["quickstart.md", "quickstart.pt"]  # no temp files
+    with pytest.raises(SystemExit, match="no policy|policy.pt"):       # a run without a trained policy
+        (run / "policy.pt").rename(run / "policy.moved")
+        pub.main([str(run), "--to", str(tmp_path / "pols2")])
+    assert not (tmp_path / "pols2").exists()
+
+
+def test_shipped_policies_load_and_match_their_cards_and_index():
+    """Every policies/*.pt loads with weights_only, drives an adaptive defense, has a card that names its
+    SHA-256 and a row in policies/README.md; every card with a published file has the file."""
+    import hashlib as _h
+    pol_dir = REPO / "policies"
+    shipped = sorted(pol_dir.glob("*.pt"))
+    assert shipped, "policies/ ships no trained policy"
+    index = (pol_dir / "README.md").read_text()
+    x, _ = faces()
+    for f in shipped:
+        policy, meta = load_policy(f, seed=0)
+        card = (pol_dir / f"{f.stem}.md").read_text()
+        assert _h.sha256(f.read_bytes()).hexdigest()[:16] in card, f
+        assert f"[`{f.stem}.pt`]({f.stem}.pt)" in index, f
+        assert meta["extra"]["k_hist"] and set(policy.k_values) <= {2, 3, 4, 5, 6}
+        d = create_defense("adaptive", policy_path=str(f), seed=0)
+        released, record = d.release(x[:8])
+        assert released.shape[0] == 8 and torch.isfinite(released).all()
+        assert set(torch.as_tensor(record.k).tolist()) <= set(policy.k_values)
+    for card in pol_dir.glob("*.md"):
+        if card.name != "README.md":
+            assert (pol_dir / f"{card.stem}.pt").is_file(), f"{card.name} has no published policy file"
 
 
 def _script(name):

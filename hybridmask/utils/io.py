@@ -37,6 +37,16 @@ def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[Any]:
         raise
 
 
+def file_sha256(path: PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def atomic_save(obj: Any, path: PathLike) -> None:
     """``torch.save`` that never leaves a partial file behind."""
     with atomic_write(path, "wb") as f:
