@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 from typing import List, Optional, Union
 
@@ -269,16 +270,57 @@ class SFace(_OnnxEmbedder):
         super().__init__(model, "sface", channel_order=channel_order, scale=1.0, offset=0.0, threads=threads)
 
 
+def insightface_normalisation(model) -> tuple:
+    """``(input_mean, input_std)`` by insightface's own rule (``model_zoo.ArcFaceONNX``): a graph whose
+    first 8 nodes include one named ``Sub*``/``_minus*`` *and* one named ``Mul*``/``_mul*`` normalises its
+    input itself (MXNet-era ArcFace exports) and is fed raw pixels (0, 1); any other graph is fed
+    ``(pixel - 127.5) / 127.5``."""
+    names = [n.name for n in model.graph.node[:8]]
+    sub = any(n.startswith("Sub") or n.startswith("_minus") for n in names)
+    mul = any(n.startswith("Mul") or n.startswith("_mul") for n in names)
+    return (0.0, 1.0) if (sub and mul) else (127.5, 127.5)
+
+
+class _NotRouted(ValueError):
+    """insightface.model_zoo does not take the file for a face recognizer."""
+
+
+def _insightface_route(path: Path, required: bool = False):
+    """Load ``path`` through ``insightface.model_zoo.get_model`` (CPU provider, no download) and
+    return the ArcFaceONNX object; ``None`` without insightface (``required``: an error); ``ValueError``
+    when insightface routes the file to another task."""
+    try:
+        model_zoo = importlib.import_module("insightface.model_zoo")
+    except ImportError:
+        if required:
+            _require("insightface", extra="insightface")
+        return None
+    if path.suffix.lower() != ".onnx":   # model_zoo takes any other name for a model-pack name
+        raise _NotRouted(f"{path}: insightface.model_zoo loads files named *.onnx only")
+    m = model_zoo.get_model(str(path.resolve()), providers=["CPUExecutionProvider"], download=False)
+    if m is None or getattr(m, "taskname", None) != "recognition":
+        raise _NotRouted(f"{path}: insightface.model_zoo does not load it as a face recognizer "
+                         f"(it routes it to {type(m).__name__ if m is not None else 'nothing'}: a recognizer takes "
+                         f"one square N x 3 x S x S input, S >= 112 and a multiple of 16, and has one output)")
+    return m
+
+
 class OnnxRecognizer(_OnnxEmbedder):
     """Any insightface-style ArcFace ONNX recognizer (e.g. ``w600k_r50.onnx``).
 
-    insightface feeds ``(pixel - input_mean) / input_std`` in RGB order, with mean/std 127.5
-    unless the graph starts with its own Sub/Mul normalisation (then 0 and 1). Those defaults
-    are detected the same way here and can be overridden.
+    With ``insightface`` installed (``pip install hybridmask[insightface]``) the file is loaded
+    through ``insightface.model_zoo.get_model`` -- which must route it to ``ArcFaceONNX`` -- and fed
+    exactly what insightface feeds it: ``(pixel - input_mean) / input_std`` in RGB order, with
+    insightface's ``input_mean``/``input_std`` (127.5/127.5, or 0/1 for graphs that normalise
+    themselves; :func:`insightface_normalisation` is the same rule without insightface). The graph
+    then runs in hybridmask's onnxruntime session (weights folded once, any batch size), which gives
+    the embeddings of insightface's ``get_feat`` (checked in tests/test_onnx_eval.py).
+    ``input_mean`` / ``input_std`` override the rule; ``use_insightface=False`` skips model_zoo.
     """
 
     def __init__(self, path: Union[str, os.PathLike], channel_order: str = "RGB",
-                 input_mean: Optional[float] = None, input_std: Optional[float] = None, threads: int = 2):
+                 input_mean: Optional[float] = None, input_std: Optional[float] = None, threads: int = 2,
+                 use_insightface: Optional[bool] = None):
         onnx = _require("onnx")
         path = Path(path)
         if not path.is_file():
@@ -287,11 +329,26 @@ class OnnxRecognizer(_OnnxEmbedder):
             model = onnx.load(str(path))
         except Exception as e:
             raise ValueError(f"cannot read ONNX model {path}: {type(e).__name__}: {e}") from None
-        if input_mean is None or input_std is None:
-            normalises_itself = any(n.op_type in ("Sub", "Mul") for n in model.graph.node[:8])
-            mean, std = (0.0, 1.0) if normalises_itself else (127.5, 127.5)
-            input_mean = mean if input_mean is None else input_mean
-            input_std = std if input_std is None else input_std
+        mean, std = insightface_normalisation(model)
+        self.loaded_by = "onnxruntime"
+        if use_insightface is None or use_insightface:
+            try:
+                zoo_model = _insightface_route(path, required=bool(use_insightface))
+            except Exception as e:
+                # use_insightface=True: an error; by default warn and apply insightface's rule without it
+                if use_insightface:
+                    if isinstance(e, (ValueError, ImportError)):
+                        raise
+                    raise ValueError(f"{path}: insightface.model_zoo cannot load it: {type(e).__name__}: {e}") from None
+                warnings.warn(str(e) if isinstance(e, _NotRouted) else
+                              f"{path}: insightface.model_zoo cannot load it ({type(e).__name__}: {e}); "
+                              f"using insightface's normalisation rule without it")
+                zoo_model = None
+            if zoo_model is not None:
+                mean, std = float(zoo_model.input_mean), float(zoo_model.input_std)
+                self.loaded_by = "insightface.model_zoo"
+        input_mean = mean if input_mean is None else input_mean
+        input_std = std if input_std is None else input_std
         if float(input_std) == 0:
             raise ValueError("input_std must be non-zero")
         self.path = path

@@ -42,7 +42,8 @@ def load_recognizer(spec: str, device: Union[str, torch.device, None] = "auto",
         from .onnx_models import OnnxRecognizer
         m = OnnxRecognizer(spec[5:], channel_order=channel_order or "RGB", threads=threads)
         return m, None, {"model": "onnx", "path": str(m.path), "embedding_size": m.embedding_size,
-                         "channel_order": m.channel_order}
+                         "channel_order": m.channel_order, "loaded_by": m.loaded_by,
+                         "input_mean": m.input_mean, "input_std": m.input_std}
     path = Path(spec)
     if not path.is_file():
         raise FileNotFoundError(f"model not found: {spec!r} (use a hybridmask checkpoint, 'sface' or 'onnx:PATH')")
