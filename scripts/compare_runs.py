@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
-from hybridmask.train.card import read_run_results
+from hybridmask.train.card import format_accuracy, read_run_results, run_k_hist
 from hybridmask.utils import atomic_write
 
 
@@ -24,16 +24,11 @@ def load(run: Path) -> Dict:
 
 
 def k_hist(res: Dict) -> Dict[int, float]:
-    kh = (res.get("train") or {}).get("k_hist") or {}
+    kh = run_k_hist(res)
     if kh:
-        return {int(k): float(v) for k, v in kh.items()}
+        return kh
     k = (res.get("defense") or {}).get("k")
     return {int(k): 1.0} if isinstance(k, int) else {1: 1.0}
-
-
-def fmt_acc(res: Dict, key: str) -> str:
-    v = (res.get("verification") or {}).get(key)
-    return "n/a" if not v else f"{100 * v['accuracy']:.2f} +- {100 * v['accuracy_std']:.2f}"
 
 
 def table(results: List[Dict]) -> str:
@@ -46,7 +41,7 @@ def table(results: List[Dict]) -> str:
         kh_txt = " ".join(f"{k}:{100 * p:.0f}%" for k, p in sorted(kh.items()))
         u = (r.get("train") or {}).get("utility")
         lines.append(f"| {r['run']} | {(r.get('defense') or {}).get('name')} | {r.get('policy')} | {kh_txt} | {mean_k:.2f} | "
-                     f"{'n/a' if u is None else f'{100 * float(u):.1f} %'} | {fmt_acc(r, 'lfw')} | {fmt_acc(r, 'cfp_fp')} | "
+                     f"{'n/a' if u is None else f'{100 * float(u):.1f} %'} | {format_accuracy(r, 'lfw')} | {format_accuracy(r, 'cfp_fp')} | "
                      f"{r.get('images_seen')} | {r.get('fit_seconds', 0):.0f} s |")
     return "\n".join(lines) + "\n"
 
@@ -62,7 +57,7 @@ def plot(results: List[Dict], out: Path) -> None:
     for i, r in enumerate(results):
         kh = k_hist(r)
         ax.bar([j + i * width - 0.4 + width / 2 for j in range(len(ks))], [kh.get(k, 0.0) for k in ks], width,
-               label=f"{r['run']} (LFW {fmt_acc(r, 'lfw').split(' ')[0]} %)")
+               label=f"{r['run']} (LFW {format_accuracy(r, 'lfw').split(' ')[0]} %)")
     ax.set_xticks(range(len(ks)), [f"k={k}" for k in ks])
     ax.set_ylabel("fraction of training faces")
     ax.set_ylim(0, 1.05)

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hybridmask.train.card import read_run_results, recognizer_card
+from hybridmask.train.card import format_accuracy, read_run_results, recognizer_card
 from hybridmask.utils import atomic_write, file_sha256
 
 
@@ -41,15 +41,10 @@ def main(argv=None) -> int:
     with atomic_write(out, "w") as f:
         f.write(card)
     model = results.get("model", {})
-    ver = results.get("verification") or {}
-
-    def acc(key):
-        v = ver.get(key)
-        return "not measured" if not v else f"{100 * v['accuracy']:.2f} +- {100 * v['accuracy_std']:.2f}"
     inp = "pixel 3x112x112" if model.get("stem") == "pixel" else f"freq {model.get('in_chans')}x{model.get('grid')}x{model.get('grid')}, {(results.get('defense') or {}).get('name')}"
     print(f"wrote {out}")
     print(f"| {name} | {model.get('name')}-{model.get('embedding_size')} | {inp} | celeba_112 ({results.get('identities')} ids, "
-          f"{results.get('train_images')} images, {results.get('images_seen')} seen) | {acc('lfw')} | {acc('cfp_fp')} | "
+          f"{results.get('train_images')} images, {results.get('images_seen')} seen) | {format_accuracy(results, 'lfw', 'not measured')} | {format_accuracy(results, 'cfp_fp', 'not measured')} | "
           f"`{results.get('paths', {}).get('model')}` (SHA-256 {digest[:12]}...) | [{name}.md]({name}.md) |")
     return 0
 

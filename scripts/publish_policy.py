@@ -11,19 +11,15 @@ The file is checked before it is copied (it must load with ``load_policy``, i.e.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from pathlib import Path
 
 from hybridmask.defenses import load_policy
-from hybridmask.train.card import policy_card, read_run_results
-from hybridmask.utils import atomic_write, file_sha256, safe_torch_load
+from hybridmask.train.card import policy_card, read_run_results, run_k_hist
+from hybridmask.utils import atomic_write, safe_torch_load
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _k_hist_text(results) -> str:
-    kh = (results.get("train") or {}).get("k_hist") or {}
-    return "/".join(f"{100 * float(v):.0f}" for _, v in sorted(kh.items(), key=lambda kv: int(kv[0])))
 
 
 def publish(run, to=None, name=None) -> dict:
@@ -49,7 +45,7 @@ def publish(run, to=None, name=None) -> dict:
     dst, card = to / f"{name}.pt", to / f"{name}.md"
     with atomic_write(dst, "wb") as f:
         f.write(blob)
-    digest = file_sha256(dst)
+    digest = hashlib.sha256(blob).hexdigest()
     try:
         shown = dst.resolve().relative_to(ROOT)
     except ValueError:
@@ -64,8 +60,9 @@ def publish(run, to=None, name=None) -> dict:
     bs = (cfg.get("data") or {}).get("batch_size")
     ver = results.get("verification") or {}
     acc = ", ".join(f"{t} {100 * m['accuracy']:.2f}" for t, m in ver.items() if m.get("accuracy") is not None)
+    khist = "/".join(f"{100 * v:.0f}" for v in run_k_hist(results).values())
     row = (f"| {name} | [`{name}.pt`]({name}.pt) | `hybridmask train --config configs/{name}.yaml` | {data} | "
-           f"{steps} steps x {bs} | k={'/'.join(str(k) for k in policy.k_values)}: {_k_hist_text(results)} % | "
+           f"{steps} steps x {bs} | k={'/'.join(str(k) for k in policy.k_values)}: {khist} % | "
            f"{acc or 'not measured'} | [{name}.md]({name}.md) |")
     return {"policy": str(dst), "card": str(card), "sha256": digest, "row": row, "meta": meta}
 

@@ -281,14 +281,10 @@ def insightface_normalisation(model) -> tuple:
     return (0.0, 1.0) if (sub and mul) else (127.5, 127.5)
 
 
-class _NotRouted(ValueError):
-    """insightface.model_zoo does not take the file for a face recognizer."""
-
-
 def _insightface_route(path: Path, required: bool = False):
     """Load ``path`` through ``insightface.model_zoo.get_model`` (CPU provider, no download) and
     return the ArcFaceONNX object; ``None`` without insightface (``required``: an error); ``ValueError``
-    when insightface routes the file to another task."""
+    when insightface cannot open the file or routes it to another task."""
     try:
         model_zoo = importlib.import_module("insightface.model_zoo")
     except ImportError:
@@ -296,10 +292,13 @@ def _insightface_route(path: Path, required: bool = False):
             _require("insightface", extra="insightface")
         return None
     if path.suffix.lower() != ".onnx":   # model_zoo takes any other name for a model-pack name
-        raise _NotRouted(f"{path}: insightface.model_zoo loads files named *.onnx only")
-    m = model_zoo.get_model(str(path.resolve()), providers=["CPUExecutionProvider"], download=False)
+        raise ValueError(f"{path}: insightface.model_zoo loads files named *.onnx only")
+    try:
+        m = model_zoo.get_model(str(path.resolve()), providers=["CPUExecutionProvider"], download=False)
+    except Exception as e:   # e.g. onnxruntime refusing the graph
+        raise ValueError(f"{path}: insightface.model_zoo cannot load it: {type(e).__name__}: {e}") from None
     if m is None or getattr(m, "taskname", None) != "recognition":
-        raise _NotRouted(f"{path}: insightface.model_zoo does not load it as a face recognizer "
+        raise ValueError(f"{path}: insightface.model_zoo does not load it as a face recognizer "
                          f"(it routes it to {type(m).__name__ if m is not None else 'nothing'}: a recognizer takes "
                          f"one square N x 3 x S x S input, S >= 112 and a multiple of 16, and has one output)")
     return m
@@ -334,15 +333,10 @@ class OnnxRecognizer(_OnnxEmbedder):
         if use_insightface is None or use_insightface:
             try:
                 zoo_model = _insightface_route(path, required=bool(use_insightface))
-            except Exception as e:
-                # use_insightface=True: an error; by default warn and apply insightface's rule without it
+            except ValueError as e:   # use_insightface=True: an error; by default insightface's rule without it
                 if use_insightface:
-                    if isinstance(e, (ValueError, ImportError)):
-                        raise
-                    raise ValueError(f"{path}: insightface.model_zoo cannot load it: {type(e).__name__}: {e}") from None
-                warnings.warn(str(e) if isinstance(e, _NotRouted) else
-                              f"{path}: insightface.model_zoo cannot load it ({type(e).__name__}: {e}); "
-                              f"using insightface's normalisation rule without it")
+                    raise
+                warnings.warn(f"{e}; using insightface's normalisation rule without it")
                 zoo_model = None
             if zoo_model is not None:
                 mean, std = float(zoo_model.input_mean), float(zoo_model.input_std)

@@ -22,6 +22,19 @@ def read_run_results(run: Union[str, os.PathLike]) -> Dict[str, Any]:
     return res
 
 
+def run_k_hist(results: Dict[str, Any]) -> Dict[int, float]:
+    """The k histogram of a run's training batches (``results["train"]["k_hist"]``), keys as ints, by k;
+    empty when the run recorded none."""
+    kh = (results.get("train") or {}).get("k_hist") or {}
+    return {int(k): float(v) for k, v in sorted(kh.items(), key=lambda kv: int(kv[0]))}
+
+
+def format_accuracy(results: Dict[str, Any], target: str, missing: str = "n/a") -> str:
+    """``"mean +- std"`` (in %) of a run's verification on ``target``, or ``missing``."""
+    v = (results.get("verification") or {}).get(target)
+    return missing if not v else f"{100 * v['accuracy']:.2f} +- {100 * v['accuracy_std']:.2f}"
+
+
 def _pct(v: Optional[float]) -> str:
     return "n/a" if v is None else f"{100 * float(v):.1f} %"
 
@@ -35,8 +48,7 @@ def policy_card(results: Dict[str, Any], policy, reward=None, file_note: Optiona
     pc = cfg.get("policy", {})
     src = data.get("train") or (f"embedded synthetic faces ({data.get('synthetic', {}).get('identities')} identities x "
                                 f"{data.get('synthetic', {}).get('images_per_identity')} images)")
-    khist = train.get("k_hist") or {}
-    kh_rows = "\n".join(f"| {k} | {100 * float(v):.1f} % |" for k, v in sorted(khist.items(), key=lambda kv: int(kv[0])))
+    kh_rows = "\n".join(f"| {k} | {100 * v:.1f} % |" for k, v in run_k_hist(results).items())
     ver = results.get("verification") or {}
     ver_rows = "\n".join(f"| {name} | {_pct(m.get('accuracy'))} +- {_pct(m.get('accuracy_std'))} | {m.get('pairs')} |"
                          for name, m in ver.items()) or "| (none) | | |"
@@ -120,8 +132,8 @@ def recognizer_card(results: Dict[str, Any], checkpoint_sha256: str, checkpoint_
     head_txt = f"{head.get('name')} s={head.get('s')} m={m if m is not None else 'default'}"
     policy = results.get("policy")
     train = results.get("train", {})
-    kh = train.get("k_hist") or {}
-    ktxt = ", ".join(f"k={k}: {100 * float(v):.0f} %" for k, v in sorted(kh.items(), key=lambda kv: int(kv[0]))) or "k=1 (no MixUp)"
+    kh = run_k_hist(results)
+    ktxt = ", ".join(f"k={k}: {100 * v:.0f} %" for k, v in kh.items()) or "k=1 (no MixUp)"
     ver = results.get("verification") or {}
 
     def row(label, key):
@@ -143,7 +155,7 @@ def recognizer_card(results: Dict[str, Any], checkpoint_sha256: str, checkpoint_
 - **What it is**: face recognizer (embedding model) trained with hybridmask (card written at commit `{commit}`).
 - **Backbone**: `{model.get('name')}`, embedding size `{model.get('embedding_size')}`; stem `{stem}`.
 - **Input (stem)**: {inp}; defense / masking: {masking}.
-- **Head / loss**: {head_txt}; mixed-label margin loss: {'yes' if any(int(k) > 1 for k in kh) else 'no (k=1)'}; policy: `{policy}`.
+- **Head / loss**: {head_txt}; mixed-label margin loss: {'yes' if any(k > 1 for k in kh) else 'no (k=1)'}; policy: `{policy}`.
 - **Checkpoint**: `{results.get('paths', {}).get('model')}` (not in git), SHA-256 `{checkpoint_sha256}`,
   size {checkpoint_bytes / 1e6:.1f} MB. The per-sample masking secrets are not in it.
 
