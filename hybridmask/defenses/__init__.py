@@ -1,12 +1,15 @@
-"""Defenses behind one interface (see :mod:`hybridmask.defenses.base`)."""
-from .base import (DEFENSES, Defense, FixedKMixUp, FrequencyOnly, InstaHide, NoDefense, PPFRFDDefense,
+"""Defenses behind one contract (see :mod:`hybridmask.defenses.base`); rebuild any of them with
+:func:`load_defense`. A new defense is one file here (a :class:`Defense` subclass decorated with
+``@register_defense("name")``) plus its import line below."""
+from .base import (DEFENSES, Defense, FixedKMixUp, FrequencyOnly, InstaHide, MaskDefense, NoDefense, PPFRFDDefense,
                    create_defense, list_defenses, register_defense)
-
-__all__ = ["DEFENSES", "Defense", "FixedKMixUp", "FrequencyOnly", "InstaHide", "NoDefense", "PPFRFDDefense",
-           "create_defense", "list_defenses", "register_defense"]
 from .adaptive import AdaptiveMask, load_policy, save_policy  # noqa: E402,F401  (registers "adaptive")
-from . import arl, dctdp, metrics  # noqa: E402,F401  (registers "arl" and "dctdp")
-from .arl import ARLDefense, train_arl  # noqa: E402,F401
-from .dctdp import DCTDPDefense  # noqa: E402,F401
-from .io import (DefenseNotRecordedError, defense_from_checkpoint, defense_from_config,  # noqa: E402,F401
-                 defense_from_run, load_defense)
+from .dctdp import DCTDPDefense  # noqa: E402,F401  (registers "dctdp")
+from .arl import ARLDefense, train_arl  # noqa: E402,F401  (registers "arl")
+from .io import (DefenseNotRecordedError, build_defense, defense_from_checkpoint, defense_record,  # noqa: E402,F401
+                 load_defense, save_defense)
+
+__all__ = ["DEFENSES", "Defense", "MaskDefense", "FixedKMixUp", "FrequencyOnly", "InstaHide", "NoDefense",
+           "PPFRFDDefense", "AdaptiveMask", "DCTDPDefense", "ARLDefense", "create_defense", "list_defenses",
+           "register_defense", "load_defense", "save_defense", "build_defense", "defense_record",
+           "defense_from_checkpoint", "DefenseNotRecordedError", "load_policy", "save_policy"]

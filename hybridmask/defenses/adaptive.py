@@ -8,7 +8,7 @@
 ``release(images)`` encodes each face (block DCT + PPFR-FD with fresh secret draws), computes the
 policy's context from that encoding (:func:`hybridmask.policy.context_features`), lets the policy
 pick one ``k`` per face and mixes (``order="mask_mix"``, the default; with ``"mix_mask"`` the
-context comes from the k=1 encoding and the batch is then masked with the chosen k). Without a
+context comes from the faces' BDCT, which is mixed and then masked). Without a
 policy (``policy=None`` and no ``policy_path``) the k is drawn uniformly from ``k_values``.
 
 Trained policies are stored with :func:`save_policy` (``policy.pt``: a plain dict that loads
@@ -19,20 +19,20 @@ generator nor the policy's sampling generator).
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 
-from ..freq import MixRecord
 from ..utils import atomic_save, safe_torch_load
 from ..utils.rng import SeedLike
-from .base import _MaskDefense, register_defense
+from ..freq import Draw
+from .base import MaskDefense, register_defense
 
 POLICY_FORMAT = "hybridmask.policy"
 POLICY_FORMAT_VERSION = 1
 
 
-def policy_config(policy) -> Dict[str, Any]:
+def describe_policy(policy) -> Dict[str, Any]:
     """Plain-data constructor arguments of a :mod:`hybridmask.policy` policy (for ``create_policy``)."""
     from ..policy import FixedKPolicy, StrategyNet, UniformPolicy
     if isinstance(policy, StrategyNet):
@@ -62,7 +62,7 @@ def save_policy(path: Union[str, os.PathLike], policy, masking: Optional[Dict[st
     atomic_save({
         "format": POLICY_FORMAT,
         "format_version": POLICY_FORMAT_VERSION,
-        "policy_config": policy_config(policy),
+        "policy_config": describe_policy(policy),
         "policy_state": _public_state(policy),
         "masking": dict(masking) if masking is not None else None,
         "context": dict(context) if context is not None else {"running_loss": 0.0, "progress": 1.0},
@@ -88,10 +88,7 @@ def load_policy(path: Union[str, os.PathLike], seed: SeedLike = None):
     state = blob.get("policy_state")
     if not isinstance(state, dict):
         raise ValueError(f"{path}: policy_state is missing")
-    missing, unexpected = policy.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise ValueError(f"{path}: policy weights do not match its config (missing {missing}, unexpected {unexpected})")
+    load_policy_state(policy, state, str(path))
     policy.eval()
     meta = {k: blob.get(k) for k in ("masking", "context", "extra")}
     meta["path"] = str(path)
@@ -99,13 +96,16 @@ def load_policy(path: Union[str, os.PathLike], seed: SeedLike = None):
 
 
 @register_defense("adaptive")
-class AdaptiveMask(_MaskDefense):
+class AdaptiveMask(MaskDefense):
     """HybridMask (BDCT -> PPFR-FD -> frequency MixUp) with a per-sample k chosen by a policy.
 
     Args:
         policy: a :class:`hybridmask.policy.MaskingPolicy` object (e.g. the StrategyNet being
             trained), or ``None``.
         policy_path: a ``policy.pt`` written by :func:`save_policy` (used when ``policy`` is None).
+        policy_config: the policy's constructor arguments (``{"name": "adaptive", ...}``): an
+            untrained policy of that shape, whose weights :meth:`load_defense_state` then sets (this is
+            how :func:`~hybridmask.defenses.io.load_defense` rebuilds a trained run).
         k_values: the k values of the uniform fallback policy (no policy given).
         greedy: take the policy's most likely k instead of sampling it.
         running_loss, progress: the scalar context features at deployment (default: those
@@ -114,22 +114,25 @@ class AdaptiveMask(_MaskDefense):
         seed: masking secrets (``None``: secure OS seed). ``policy_seed``: the policy's sampling.
     """
     name = "adaptive"
+    mixes = True
 
-    def __init__(self, policy=None, policy_path: Optional[str] = None, k_values: Sequence[int] = (2, 3, 4, 5, 6),
-                 greedy: bool = False, running_loss: Optional[float] = None, progress: Optional[float] = None,
+    def __init__(self, policy=None, policy_path: Optional[str] = None, policy_config: Optional[Dict[str, Any]] = None,
+                 k_values: Sequence[int] = (2, 3, 4, 5, 6), greedy: bool = False,
+                 running_loss: Optional[float] = None, progress: Optional[float] = None,
                  u: int = 1, drop="dc", shuffle: str = "sample", mix: str = "neighbour", weights: str = "instahide",
                  max_weight: float = 0.65, granularity: str = "image", order: str = "mask_mix",
                  seed: SeedLike = None, policy_seed: SeedLike = None):
-        from ..policy import UniformPolicy
-        own = dict(policy_path=None if policy_path is None else str(policy_path), k_values=list(k_values),
-                   greedy=bool(greedy), u=u, drop=drop, shuffle=shuffle, mix=mix, weights=weights,
-                   max_weight=max_weight, granularity=granularity, order=order)
-        super().__init__(own, seed=seed, u=u, drop=drop, shuffle=shuffle, mix=mix, k=1, weights=weights,
-                         max_weight=max_weight, granularity=granularity, order=order)
+        from ..policy import UniformPolicy, create_policy
+        mask_args = dict(u=u, drop=drop, shuffle=shuffle, mix=mix, weights=weights, max_weight=max_weight,
+                         granularity=granularity, order=order)
+        super().__init__({}, seed=seed, k=1, **mask_args)
         ctx = {"running_loss": 0.0, "progress": 1.0}
         if policy is None and policy_path is not None:
             policy, meta = load_policy(policy_path, seed=policy_seed)
             ctx.update(meta.get("context") or {})
+        if policy is None and policy_config is not None:
+            cfg = dict(policy_config)
+            policy = create_policy(cfg.pop("name"), seed=policy_seed, **cfg)
         if policy is None:
             policy = UniformPolicy(k_values, seed=policy_seed)
         self.policy = policy
@@ -139,51 +142,55 @@ class AdaptiveMask(_MaskDefense):
         small = [k for k in self.policy.k_values if k > 1]
         if weights == "instahide" and small and max_weight * min(small) < 1 - 1e-9:
             raise ValueError(f"max_weight {max_weight} is infeasible for k={min(small)} (k * max_weight must be >= 1)")
+        # the config rebuilds the policy's shape; its weights are defense_state (never a file path)
+        self._config = dict(policy_config=describe_policy(self.policy), greedy=self.greedy, **mask_args)
 
-    # -- pieces the trainer uses (so the policy decision can be made on the gathered batch) ------
     @property
-    def fast_path(self) -> bool:
-        """Whether :meth:`encode` + :meth:`mix` reproduce ``mask(images, k)`` (mask -> mix order)."""
-        return can_split(self)
+    def max_k(self) -> int:
+        return int(max(self.policy.k_values))
 
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """BDCT + PPFR-FD of every face on its own (fresh secret permutations)."""
-        return self.mask.encode(images)
+    def needs_state(self) -> bool:
+        return bool(getattr(self.policy, "trainable", False))
 
-    @torch.no_grad()
-    def mix(self, encoded: torch.Tensor, k) -> Tuple[torch.Tensor, MixRecord]:
-        return mix_encoded(self, encoded, k)
+    def defense_state(self) -> Dict[str, Any]:
+        return {"policy_state": _public_state(self.policy), "running_loss": self.running_loss,
+                "progress": self.progress}
+
+    def load_defense_state(self, state: Optional[Dict[str, Any]]) -> None:
+        if not state:
+            return
+        unknown = set(state) - {"policy_state", "running_loss", "progress"}
+        if unknown:
+            raise ValueError(f"adaptive defense state has unknown entries {sorted(unknown)}")
+        load_policy_state(self.policy, state.get("policy_state") or {}, "adaptive defense state")
+        self.running_loss = float(state.get("running_loss", self.running_loss))
+        self.progress = float(state.get("progress", self.progress))
 
     def context(self, encoded: torch.Tensor) -> torch.Tensor:
         from ..policy import context_features
         return context_features(encoded, self.running_loss, min(max(self.progress, 0.0), 1.0))
 
-    # -- the Defense interface --------------------------------------------------------------------
     @torch.no_grad()
-    def release(self, images, k=None):
-        if k is not None:           # an explicit k (the trainer, or an attacker's white-box probe)
-            return self.mask(images, k=k)
-        encoded = self.mask.encode(images)
-        ctx = self.context(encoded)
-        kk, _, _ = self.policy.act(ctx, greedy=self.greedy)
-        if can_split(self):
-            return mix_encoded(self, encoded, kk)
-        return self.mask(images, k=kk)
+    def draw(self, images, k=None):
+        """The policy picks k per face from the context of the masked batch (unless ``k`` is given:
+        the trainer, or an attacker's white-box probe)."""
+        if k is not None:
+            return self.mask.draw(images, k)
+        d = Draw(perm=self.mask.ppfrfd.permutations(images.shape[0]))
+        encoded = self.mask.front(images, d)
+        kk, _, _ = self.policy.act(self.context(encoded), greedy=self.greedy)
+        return self.mask.draw_mix(images, d, kk, encoded=encoded)
 
 
-def can_split(defense) -> bool:
-    """True when ``defense.mask`` is a HybridMask whose release is ``mixup(encode(x))``."""
-    m = getattr(defense, "mask", None)
-    return m is not None and getattr(m, "order", None) == "mask_mix" and getattr(m, "pool", "x") is None
+def load_policy_state(policy, state: Dict[str, torch.Tensor], where: str) -> None:
+    """Load public policy weights, refusing a mismatch or non-finite values."""
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{where}: policy weight {k!r} holds NaN or infinite values")
+    missing, unexpected = policy.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise ValueError(f"{where}: policy weights do not match its config (missing {missing}, unexpected {unexpected})")
 
 
-def mix_encoded(defense, encoded: torch.Tensor, k) -> Tuple[torch.Tensor, MixRecord]:
-    """MixUp of already-encoded faces, exactly as ``defense.mask(images, k)`` would do it after
-    its encoding step (same generator draws in the same order)."""
-    m = defense.mask
-    return m.mixup(encoded, k=k, bands=m.ppfrfd.kept_index % 64)
-
-
-__all__ = ["AdaptiveMask", "save_policy", "load_policy", "policy_config", "can_split", "mix_encoded",
-           "POLICY_FORMAT"]
+__all__ = ["AdaptiveMask", "save_policy", "load_policy", "describe_policy", "load_policy_state", "POLICY_FORMAT"]

@@ -1,32 +1,49 @@
-"""The defense interface shared by the trainer and the attack harness.
+"""The defense contract: a defense is the only place that knows itself.
 
-A defense is what runs on the client: it turns aligned faces (B, 3, 112, 112) in [-1, 1] into
-the representation that leaves the device.
+A defense is what runs on the client: it turns aligned faces (B, 3, H, W) in [-1, 1] into the
+representation that leaves the device. Everything outside :mod:`hybridmask.defenses` (trainer,
+evaluation, attacks, benchmark) talks to it through this class and never by its name.
 
-* ``release(images, k=None) -> (tensor, MixRecord | None)`` - the *training-time* release
-  (may mix several faces; the record says whose labels with which weights);
-* ``query(images) -> tensor`` - the *test-time* release of one face (k=1);
-* ``as_image(released) -> (B, 3, 112, 112)`` - what the release shows when viewed as a picture
-  (for the paper's visual-level S1/S2 and for figures);
-* ``in_channels`` / ``grid`` - the recognizer's input shape; ``input_kind`` "pixel" or "freq";
-* ``config`` - plain data to rebuild it with :func:`create_defense` (no secrets).
+**Capabilities** (class attributes, checked against behaviour by ``tests/test_defense_contract.py``):
 
-Randomness that protects privacy comes from the defense's own generator (``seed=None`` =
-secure OS seed).
+* ``input_kind`` - what a recognizer reads: ``"pixel"``, ``"freq"`` (BDCT coefficients) or
+  ``"feature"`` (a learned encoding);
+* ``stochastic`` - two releases of the same faces differ (secret draws);
+* ``mixes`` - the training-time release mixes several faces and returns a :class:`MixRecord`
+  (non-mixing defenses return ``None`` as the record);
+* ``trainable`` - it has parameters that train with the recognizer by gradient (DCTDP's budgets):
+  :meth:`trainable_parameters`, :meth:`privacy_loss`, :meth:`project_`, :meth:`train_stats`.
+
+**Draw / apply** (torchvision v2's ``_get_params`` / ``_transform``): :meth:`draw` returns the
+secrets of one release as a :class:`Draw` value, :meth:`apply` releases with them
+deterministically. ``release(x, k) == apply(x, draw(x, k))``; ``query(x)`` is the one-face (k=1)
+test-time release. A mixing defense also splits :meth:`apply` into :meth:`encode` (each face on its
+own) and :meth:`mix`, and :meth:`draw_mix` redraws only the MixUp for a new k - what the trainer
+does when a policy picks k from the encoded batch.
+
+**Persistence**: ``config`` (plain constructor arguments, no secrets) + :meth:`defense_state`
+(learned values: DCTDP's budgets, the adaptive policy's weights, ARL's networks) rebuild a trained
+defense; :meth:`secret_state` (generator states, client key) restores the secrets for an exact
+resume and is as secret as the key. :func:`hybridmask.defenses.io.load_defense` is the one way to
+rebuild a defense from a name, a YAML file, a checkpoint or a run folder.
+
+Randomness that protects privacy comes from the defense's own generator (``seed=None`` = secure OS
+seed; see :mod:`hybridmask.utils.rng`).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from ..freq import HybridMask, MixRecord
+from ..freq import Draw, HybridMask, MixRecord
 from ..freq.mixup import draw_partners, sample_weights
 from ..utils import Registry, check_images, make_generator
-from ..utils.rng import SeedLike
+from ..utils.rng import SeedLike, generator_state, set_generator_state
 
 DEFENSES = Registry("defense")
+INPUT_KINDS = ("pixel", "freq", "feature")
 
 
 def register_defense(name: str):
@@ -43,15 +60,21 @@ def list_defenses():
 
 
 class Defense(nn.Module):
+    """Base class of every defense (see the module doc for the contract)."""
     name = "defense"
     input_kind = "pixel"
+    stochastic = False
+    mixes = False
+    trainable = False
 
     def __init__(self, **config):
         super().__init__()
         self._config = dict(config)
 
+    # ---- description -------------------------------------------------------------------------
     @property
     def config(self) -> Dict[str, Any]:
+        """``{"name": ..., <constructor arguments>}``: plain data, no secrets, no learned values."""
         return {"name": self.name, **self._config}
 
     @property
@@ -60,19 +83,111 @@ class Defense(nn.Module):
 
     @property
     def grid(self) -> int:
-        return 112
+        """Side of the released map for a 112x112 face."""
+        return self.grid_for(112)
 
-    def release(self, images: torch.Tensor, k=None) -> Tuple[torch.Tensor, Optional[MixRecord]]:
-        return self.query(images), None
+    def grid_for(self, size: int) -> int:
+        """Side of the released map for a ``size`` x ``size`` face."""
+        return int(size)
 
-    def query(self, images: torch.Tensor) -> torch.Tensor:
+    @property
+    def max_k(self) -> int:
+        """The largest number of faces one training release may mix (1: no mixing)."""
+        return 1
+
+    def capabilities(self) -> Dict[str, Any]:
+        return {"input_kind": self.input_kind, "stochastic": self.stochastic, "mixes": self.mixes,
+                "trainable": self.trainable}
+
+    # ---- draw / apply --------------------------------------------------------------------------
+    def draw(self, images: torch.Tensor, k=None) -> Draw:
+        """The secrets of one release of ``images`` (nothing for a deterministic defense)."""
+        self._check_k(k)
+        return Draw()
+
+    def apply(self, images: torch.Tensor, draw: Draw) -> Tuple[torch.Tensor, Optional[MixRecord]]:
+        """Release ``images`` with the secrets of ``draw`` -> ``(released, MixRecord or None)``."""
         raise NotImplementedError
 
+    def release(self, images: torch.Tensor, k=None) -> Tuple[torch.Tensor, Optional[MixRecord]]:
+        """The training-time release (may mix ``k`` faces; ``k=None``: the defense's own)."""
+        check_images(images)
+        return self.apply(images, self.draw(images, k))
+
+    def query(self, images: torch.Tensor) -> torch.Tensor:
+        """The test-time release of each face on its own (k=1)."""
+        check_images(images)
+        return self.apply(images, self.draw(images, 1))[0]
+
     def as_image(self, released: torch.Tensor) -> torch.Tensor:
+        """What a release shows when viewed as a (B, 3, 112, 112) picture (figures, visual metrics)."""
         raise NotImplementedError
 
     def forward(self, images: torch.Tensor, k=None):
         return self.release(images, k=k)
+
+    def _check_k(self, k) -> None:
+        if self.mixes or k is None:
+            return
+        kt = torch.as_tensor(k)
+        if kt.numel() and bool((kt != 1).any()):
+            raise ValueError(f"{self.name} releases one face at a time (k=1), got k={k!r}")
+
+    # ---- the mixing split (mixes=True) ---------------------------------------------------------
+    def encode(self, images: torch.Tensor, draw: Draw) -> torch.Tensor:
+        """Each face on its own, before mixing (mixing defenses)."""
+        raise NotImplementedError(f"{self.name} does not mix")
+
+    def draw_mix(self, images: torch.Tensor, draw: Draw, k) -> Draw:
+        """``draw`` with fresh partners and weights for ``k`` (its per-face secrets kept)."""
+        raise NotImplementedError(f"{self.name} does not mix")
+
+    def mix(self, encoded: torch.Tensor, draw: Draw) -> Tuple[torch.Tensor, MixRecord]:
+        """Mix already-encoded faces with the partners and weights of ``draw``."""
+        raise NotImplementedError(f"{self.name} does not mix")
+
+    # ---- training hooks (trainable=True) -------------------------------------------------------
+    def trainable_parameters(self) -> List[nn.Parameter]:
+        """The parameters that train with the recognizer (by gradient)."""
+        return []
+
+    def privacy_loss(self) -> Optional[torch.Tensor]:
+        """A loss term the recognizer step adds (weighted); None: none."""
+        return None
+
+    def project_(self) -> None:
+        """Put trained parameters back into their valid range after an optimiser step."""
+
+    def train_stats(self) -> Dict[str, float]:
+        """Plain numbers for training logs."""
+        return {}
+
+    # ---- persistence ---------------------------------------------------------------------------
+    def defense_state(self) -> Dict[str, Any]:
+        """Learned values that ``config`` does not hold (tensors and plain data; never secrets)."""
+        return {}
+
+    def load_defense_state(self, state: Optional[Dict[str, Any]]) -> None:
+        if state:
+            raise ValueError(f"defense {self.name!r} has no learned state, got {sorted(state)}")
+
+    def needs_state(self) -> bool:
+        """True when ``create_defense(**config)`` alone would be an untrained copy (the learned values
+        of :meth:`defense_state` are needed)."""
+        return self.trainable
+
+    def secret_state(self) -> Optional[Dict[str, torch.Tensor]]:
+        """The secret generator state (and key) for an exact resume; keep it as secret as a key."""
+        gen = getattr(self, "generator", None)
+        return {"generator": generator_state(gen)} if isinstance(gen, torch.Generator) else None
+
+    def load_secret_state(self, state: Optional[Dict[str, torch.Tensor]]) -> None:
+        if state is None:
+            return
+        gen = getattr(self, "generator", None)
+        if not isinstance(gen, torch.Generator):
+            raise ValueError(f"defense {self.name!r} has no secret generator to restore")
+        set_generator_state(gen, state["generator"])
 
 
 @register_defense("none")
@@ -83,41 +198,72 @@ class NoDefense(Defense):
     def __init__(self, seed: SeedLike = None):
         super().__init__()
 
-    def query(self, images):
-        check_images(images)
-        return images
+    def apply(self, images, draw):
+        return images, None
 
     def as_image(self, released):
         return released
 
 
-class _MaskDefense(Defense):
+class MaskDefense(Defense):
+    """A defense built on :class:`~hybridmask.freq.HybridMask` (BDCT -> PPFR-FD -> MixUp)."""
     input_kind = "freq"
+    stochastic = True
 
     def __init__(self, own: Dict[str, Any], seed: SeedLike = None, **mask_kwargs):
         super().__init__(**own)  # the defense's own constructor arguments, for create_defense(**config)
         self.mask = HybridMask(seed=seed, **mask_kwargs)
+        self.stochastic = self.mask.ppfrfd.shuffle == "sample" or self.mixes
+        self.generator = self.mask.generator
 
     @property
     def in_channels(self) -> int:
         return self.mask.out_channels
 
-    @property
-    def grid(self) -> int:
-        return self.mask.grid(112)
+    def grid_for(self, size: int) -> int:
+        return self.mask.grid(size)
 
-    def release(self, images, k=None):
-        return self.mask(images, k=k)
+    @property
+    def max_k(self) -> int:
+        return int(self.mask.mixup.k) if self.mixes and isinstance(self.mask.mixup.k, int) else 1
+
+    def draw(self, images, k=None):
+        self._check_k(k)
+        if not self.mixes:
+            return Draw(perm=self.mask.ppfrfd.permutations(images.shape[0]))
+        return self.mask.draw(images, k)
+
+    def apply(self, images, draw):
+        if draw.mix is None:
+            return self.mask.encode(images, draw.perm), None
+        return self.mask.apply(images, draw)
 
     def query(self, images):
+        check_images(images)
         return self.mask.encode(images)
+
+    def encode(self, images, draw):
+        return self.mask.front(images, draw)
+
+    def draw_mix(self, images, draw, k):
+        return self.mask.draw_mix(images, draw, k)
+
+    def mix(self, encoded, draw):
+        return self.mask.mix(encoded, draw)
 
     def as_image(self, released):
         return self.mask.as_image(released, size=(112, 112))
 
+    def secret_state(self):
+        return self.mask.secret_state()
+
+    def load_secret_state(self, state):
+        if state is not None:
+            self.mask.load_secret_state(state)
+
 
 @register_defense("freq_only")
-class FrequencyOnly(_MaskDefense):
+class FrequencyOnly(MaskDefense):
     """All 192 BDCT channels, nothing dropped or shuffled (frequency input without privacy)."""
     name = "freq_only"
 
@@ -126,7 +272,7 @@ class FrequencyOnly(_MaskDefense):
 
 
 @register_defense("ppfrfd")
-class PPFRFDDefense(_MaskDefense):
+class PPFRFDDefense(MaskDefense):
     """PPFR-FD: DC dropped, keyed shuffle-and-mix, no MixUp."""
     name = "ppfrfd"
 
@@ -136,14 +282,15 @@ class PPFRFDDefense(_MaskDefense):
 
 
 @register_defense("freq_mixup")
-class FixedKMixUp(_MaskDefense):
+class FixedKMixUp(MaskDefense):
     """PPFR-FD followed by frequency MixUp of a fixed k (k=2..6)."""
     name = "freq_mixup"
+    mixes = True
 
     def __init__(self, k: int = 4, u: int = 1, drop="dc", shuffle: str = "sample", mix: str = "neighbour",
                  weights: str = "instahide", max_weight: float = 0.65, granularity: str = "image",
                  order: str = "mask_mix", seed: SeedLike = None):
-        if not isinstance(k, int) or k < 1:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
         own = dict(k=k, u=u, drop=drop, shuffle=shuffle, mix=mix, weights=weights, max_weight=max_weight,
                    granularity=granularity, order=order)
@@ -156,34 +303,64 @@ class InstaHide(Defense):
     with |N(0,1)| weights bounded by ``max_weight``, then a fresh random sign flip of every pixel.
     The test-time query is the sign-flipped face alone (k=1)."""
     name = "instahide"
+    stochastic = True
+    mixes = True
 
     def __init__(self, k: int = 4, max_weight: float = 0.65, seed: SeedLike = None):
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
         super().__init__(k=k, max_weight=max_weight)
         self.k, self.max_weight = int(k), float(max_weight)
         self.generator = make_generator(seed)
 
-    def _flip(self, x):
-        signs = torch.randint(0, 2, x.shape, generator=self.generator).to(x.device, x.dtype) * 2 - 1
-        return x * signs
+    @property
+    def max_k(self) -> int:
+        return self.k
 
-    def release(self, images, k=None):
+    def _signs(self, shape) -> torch.Tensor:
+        return torch.randint(0, 2, shape, generator=self.generator, dtype=torch.int8)
+
+    def draw(self, images, k=None):
         check_images(images)
         b = images.shape[0]
         kk = self.k if k is None else k
-        kt = torch.as_tensor(kk).long().expand(b).clone() if torch.as_tensor(kk).dim() == 0 else torch.as_tensor(kk).long()
-        if (kt < 1).any() or (kt > b).any():
-            raise ValueError(f"k must be in 1..batch size ({b}), got {kt.tolist()}")
+        kt = torch.as_tensor(kk).long()
+        kt = kt.expand(b).clone() if kt.dim() == 0 else kt
+        if kt.shape != (b,) or (kt < 1).any() or (kt > b).any():
+            raise ValueError(f"k must be in 1..batch size ({b}) per sample, got {kt.tolist()}")
+        if int(kt.max()) == 1:
+            return Draw(noise=self._signs(images.shape))
+        return self.draw_mix(images, Draw(), kt)
+
+    def draw_mix(self, images, draw, k):
+        b = images.shape[0]
+        kt = torch.as_tensor(k).long()
+        kt = kt.expand(b).clone() if kt.dim() == 0 else kt
         kmax = int(kt.max())
         idx = draw_partners(kt, kmax, b, 0, self.generator)
         w = sample_weights(kt, kmax, 1, "instahide", self.generator, self.max_weight)[:, :, 0]
-        wd = w.to(images.device, images.dtype)
-        mixed = sum(wd[:, j].view(b, 1, 1, 1) * images[idx[:, j].to(images.device)] for j in range(kmax))
         rec = MixRecord(indices=idx, weights=w.to(images.dtype), label_weights=w.to(images.dtype), k=kt)
-        return self._flip(mixed), rec
+        return Draw(mix=rec, noise=self._signs(images.shape))
 
-    def query(self, images):
-        check_images(images)
-        return self._flip(images)
+    def encode(self, images, draw):
+        return images
+
+    def mix(self, encoded, draw):
+        rec = draw.mix
+        b = encoded.shape[0]
+        wd = rec.weights.to(encoded.device, encoded.dtype)
+        idx = rec.indices.to(encoded.device)
+        mixed = sum(wd[:, j].view(b, 1, 1, 1) * encoded[idx[:, j]] for j in range(idx.shape[1]))
+        return self._flip(mixed, draw), rec
+
+    @staticmethod
+    def _flip(x, draw):
+        return x * (draw.noise.to(x.device, x.dtype) * 2 - 1)
+
+    def apply(self, images, draw):
+        if draw.mix is None:
+            return self._flip(images, draw), None
+        return self.mix(images, draw)
 
     def as_image(self, released):
         return released.clamp(-1, 1)

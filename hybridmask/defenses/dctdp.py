@@ -53,10 +53,10 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..freq import BlockDCT, split_channels
+from ..freq import BlockDCT, Draw, split_channels
 from ..freq.dct import block_basis
-from ..utils import check_images, make_generator
-from ..utils.rng import SeedLike, generator_state, set_generator_state
+from ..utils import make_generator
+from ..utils.rng import SeedLike
 from ..utils.validate import HybridMaskInputError
 from .base import Defense, register_defense
 
@@ -91,18 +91,19 @@ class DCTDPDefense(Defense):
         sensitivity: float (coefficient units; default one grey level) or ``"bound"``.
         learn_loc: learn a per-budget mean shift ``loc`` as DCTDP does (does not affect privacy).
         penalty_weight: weight of the over-budget penalty (``allocation="free"``).
-        state_path: start from trained budgets: the ``model.pt`` of a ``hybridmask train`` run (its
-            ``extra["defense_state"]``; the run's defense arguments must match these) or a trainer
-            checkpoint (``ckpt/last.pt``, its ``defense_state``). None: uniform budgets, ``loc`` = 0.
+        Trained budgets are learned state (:meth:`defense_state`), rebuilt by
+        :func:`~hybridmask.defenses.io.load_defense` from a run; a new defense starts uniform, ``loc`` = 0.
         seed: seed/generator of the noise (None = secure OS seed).
     """
     name = "dctdp"
     input_kind = "freq"
+    stochastic = True
+    trainable = True
 
     def __init__(self, u: int = 1, budget_mean: float = 4.0, granularity: str = "channel",
                  allocation: str = "softmax", sensitivity: Union[float, str] = 1.0 / 127.5,
                  learn_loc: bool = True, penalty_weight: float = 1.0, min_budget_fraction: float = 0.01,
-                 state_path: Optional[str] = None, seed: SeedLike = None):
+                 seed: SeedLike = None):
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         if allocation not in ALLOCATIONS:
@@ -119,8 +120,7 @@ class DCTDPDefense(Defense):
         super().__init__(u=u, budget_mean=float(budget_mean), granularity=granularity, allocation=allocation,
                          sensitivity=sensitivity if isinstance(sensitivity, str) else float(sensitivity),
                          learn_loc=bool(learn_loc), penalty_weight=float(penalty_weight),
-                         min_budget_fraction=float(min_budget_fraction),
-                         state_path=None if state_path is None else str(state_path))
+                         min_budget_fraction=float(min_budget_fraction))
         self.bdct = BlockDCT(u)
         _, kept = split_channels("dc")
         self.register_buffer("kept_index", torch.tensor(kept, dtype=torch.long), persistent=False)
@@ -144,34 +144,26 @@ class DCTDPDefense(Defense):
             sens = torch.full(shape, float(sensitivity))
         self.register_buffer("sensitivity", sens)
         self.generator = make_generator(seed)
-        if state_path is not None:
-            self._load_trained(str(state_path))
 
-    def _load_trained(self, path: str) -> None:
-        from ..utils import safe_torch_load
-        ckpt = safe_torch_load(path, map_location="cpu")
-        fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
-        if fmt == "hybridmask.recognizer":
-            extra = ckpt.get("extra") or {}
-            state, trained_cfg = extra.get("defense_state"), extra.get("defense")
-        elif fmt == "hybridmask.trainer":
-            state, trained_cfg = ckpt.get("defense_state"), None
-        else:
-            raise ValueError(f"{path}: not a hybridmask recognizer (model.pt) or trainer checkpoint (format={fmt!r})")
+    # ---- learned state -----------------------------------------------------------------------
+    def trainable_parameters(self):
+        return [p for p in (self.rho, self.loc) if p.requires_grad]
+
+    def defense_state(self):
+        return {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
+
+    def load_defense_state(self, state) -> None:
+        if not state:
+            return
         if not isinstance(state, dict) or "rho" not in state:
-            raise ValueError(f"{path}: holds no trained dctdp budgets (no defense_state)")
-        if isinstance(trained_cfg, dict):
-            if trained_cfg.get("name") != self.name:
-                raise ValueError(f"{path}: trained with defense {trained_cfg.get('name')!r}, not {self.name!r}")
-            differ = sorted(k for k in ("u", "budget_mean", "granularity", "allocation", "sensitivity")
-                            if k in trained_cfg and trained_cfg[k] != self._config.get(k))
-            if differ:
-                raise ValueError(f"{path}: trained with other dctdp arguments: "
-                                 + ", ".join(f"{k}={trained_cfg[k]!r} (here {self._config.get(k)!r})" for k in differ))
+            raise ValueError("holds no trained dctdp budgets (no 'rho' in the defense state)")
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                raise ValueError(f"the trained dctdp state {k!r} holds NaN or infinite values")
         try:
             self.load_state_dict(state)
         except RuntimeError as e:
-            raise ValueError(f"{path}: the trained budgets do not fit this dctdp defense "
+            raise ValueError(f"the trained budgets do not fit this dctdp defense "
                              f"({str(e).strip().splitlines()[0]})") from e
 
     # ---- shape -----------------------------------------------------------------------------
@@ -179,9 +171,8 @@ class DCTDPDefense(Defense):
     def in_channels(self) -> int:
         return len(self.kept)
 
-    @property
-    def grid(self) -> int:
-        return self._grid
+    def grid_for(self, size: int) -> int:
+        return self.bdct.grid(size)
 
     @property
     def num_budgets(self) -> int:
@@ -247,32 +238,25 @@ class DCTDPDefense(Defense):
         h, w = (self._grid, self._grid) if size is None else (int(size[0]), int(size[1]))
         return laplace_noise((batch, len(self.kept), h, w), self.generator, dtype)
 
-    def query(self, images: torch.Tensor) -> torch.Tensor:
-        check_images(images)
+    def draw(self, images: torch.Tensor, k=None) -> Draw:
+        """Standard Laplace draws for every released coefficient (scaled by the budgets in :meth:`apply`)."""
+        self._check_k(k)
         if self.granularity == "element" and tuple(images.shape[-2:]) != (112, 112):
             raise HybridMaskInputError(f"dctdp with granularity='element' has one budget per coefficient of a "
                                        f"112x112 face; got {images.shape[-2]}x{images.shape[-1]} faces "
                                        f"(use granularity='channel' for other sizes)")
-        f = self.coefficients(images)
-        lap = self.draw_noise(f.shape[0], f.dtype, size=f.shape[-2:]).to(f.device)
-        return f + self.loc.to(f.dtype) + self.noise_scale().to(f.dtype) * lap
+        g = self.bdct.grid(images.shape[-1])
+        return Draw(noise=self.draw_noise(images.shape[0], images.dtype, size=(self.bdct.grid(images.shape[-2]), g)))
 
-    def release(self, images: torch.Tensor, k=None):
-        if k not in (None, 1):
-            raise ValueError(f"dctdp releases one face at a time (k=1), got k={k!r}")
-        return self.query(images), None
+    def apply(self, images: torch.Tensor, draw: Draw):
+        f = self.coefficients(images)
+        lap = draw.noise.to(f.device, f.dtype)
+        return f + self.loc.to(f.dtype) + self.noise_scale().to(f.dtype) * lap, None
 
     def as_image(self, released: torch.Tensor) -> torch.Tensor:
         if released.dim() != 4 or released.shape[1] != len(self.kept):
             raise HybridMaskInputError(f"expected (B, {len(self.kept)}, h, w), got {tuple(released.shape)}")
         return self.bdct.inverse(released, kept=self.kept, size=(112, 112)).clamp(-1, 1)
-
-    # ---- secret state ----------------------------------------------------------------------
-    def secret_state(self):
-        return {"generator": generator_state(self.generator)}
-
-    def load_secret_state(self, state) -> None:
-        set_generator_state(self.generator, state["generator"])
 
     def extra_repr(self) -> str:
         return (f"u={self.bdct.u}, grid={self._grid}, budgets={self.num_budgets} ({self.granularity}), "

@@ -11,7 +11,7 @@ mixes the raw 192-channel BDCT tensors and masks the mix once.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -21,24 +21,28 @@ from ..utils.rng import SeedLike, generator_state, make_generator, set_generator
 from ..utils.validate import HybridMaskInputError, check_images
 from .channels import ChannelSpec
 from .dct import BlockDCT
-from .mixup import FreqMixUp, KLike, MixRecord
+from .mixup import Draw, FreqMixUp, KLike, MixRecord
 from .ppfrfd import PPFRFD
 
 ORDERS = ("mask_mix", "mix_mask")
 
 
 class _EncodedPool:
-    """Pool of public pixel faces, encoded through the same front end only when drawn."""
+    """Pool of public pixel faces, encoded through the same front end (with the drawn permutations
+    of each partner column) only when drawn."""
 
-    def __init__(self, images: torch.Tensor, encode):
+    def __init__(self, images: torch.Tensor, encode, perms: Optional[torch.Tensor] = None):
         self.images = images
         self.encode = encode
+        self.perms = perms     # (B, K-1, C) or None
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.encode(self.images.index_select(0, idx.to(self.images.device)))
+    def __call__(self, idx: torch.Tensor, column: int) -> torch.Tensor:
+        faces = self.images.index_select(0, idx.to(self.images.device))
+        perm = None if self.perms is None else self.perms[:, column - 1]
+        return self.encode(faces, perm)
 
 
 class HybridMask(nn.Module):
@@ -112,25 +116,81 @@ class HybridMask(nn.Module):
         if "key_perm" in state:
             self.ppfrfd._key_perm = state["key_perm"].clone()
 
-    # ---- the transform -------------------------------------------------------------------
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """BDCT + PPFR-FD of each face on its own (no MixUp): ``(B, 3, H, W)`` -> ``(B, C_kept, h, w)``."""
-        return self.ppfrfd(self.bdct(images))
+    # ---- the transform: draw the secrets, then apply them --------------------------------
+    def encode(self, images: torch.Tensor, perm: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """BDCT + PPFR-FD of each face on its own (no MixUp): ``(B, 3, H, W)`` -> ``(B, C_kept, h, w)``.
+        ``perm``: the channel permutations to apply (None: fresh ones from the secret generator)."""
+        return self.ppfrfd(self.bdct(images), perm)
+
+    def _mix_shape(self, images: torch.Tensor) -> torch.Tensor:
+        """A zero stand-in with the (B, C) of the tensor the MixUp mixes (drawing needs only its shape)."""
+        c = self.ppfrfd.out_channels if self.order == "mask_mix" else 192
+        return images.new_zeros(images.shape[0], c, 1, 1)
+
+    def draw(self, images: torch.Tensor, k: Optional[KLike] = None) -> Draw:
+        """All secrets of one release of ``images``: the channel permutations and the MixUp's partners
+        and weights (and the permutations of pool partners). ``apply(images, draw(images, k))`` is
+        ``forward(images, k)``; a callable ``k`` is evaluated on the masked batch."""
+        check_images(images)
+        b = images.shape[0]
+        if self.order == "mix_mask":
+            mix = self.mixup.draw(self._mix_shape(images), k, self._pool_size(), None)
+            return Draw(perm=self.ppfrfd.permutations(b), mix=mix)
+        perm = self.ppfrfd.permutations(b)
+        return self.draw_mix(images, Draw(perm=perm), k)
+
+    def draw_mix(self, images: torch.Tensor, draw: Draw, k: Optional[KLike] = None,
+                 encoded: Optional[torch.Tensor] = None) -> Draw:
+        """``draw`` with fresh MixUp partners and weights for ``k`` (its permutations kept): what the
+        trainer does after the policy has chosen k from the masked batch. ``encoded``: the masked
+        batch, needed only for a callable ``k``."""
+        if callable(k) and not isinstance(k, torch.Tensor):
+            k = k(encoded if encoded is not None else self.encode(images, draw.perm))
+        shape = self._mix_shape(images)
+        bands = self.ppfrfd.kept_index % 64 if self.order == "mask_mix" else None
+        mix = self.mixup.draw(shape, k, self._pool_size(), bands)
+        pool_perm = None
+        if self.pool is not None and self.order == "mask_mix" and self.ppfrfd.shuffle != "none":
+            kmax = mix.indices.shape[1]
+            pool_perm = torch.stack([self.ppfrfd.permutations(images.shape[0]) for _ in range(kmax - 1)], 1) \
+                if kmax > 1 else None
+        return Draw(perm=draw.perm, mix=mix, pool_perm=pool_perm, noise=draw.noise)
+
+    def _pool_size(self) -> Optional[int]:
+        return None if self.pool is None else int(self.pool.shape[0])
+
+    def _pool(self, images: torch.Tensor, draw: Draw):
+        if self.pool is None:
+            return None
+        pool = self.pool.to(images.device, images.dtype)
+        if self.order == "mask_mix":
+            return _EncodedPool(pool, self.encode, draw.pool_perm)
+        return _EncodedPool(pool, lambda faces, perm: self.bdct(faces))
+
+    def mix(self, encoded: torch.Tensor, draw: Draw, images: Optional[torch.Tensor] = None
+            ) -> Tuple[torch.Tensor, MixRecord]:
+        """The MixUp half of :meth:`apply` on an already-encoded batch (``order="mask_mix"``: the masked
+        faces; ``"mix_mask"``: their raw BDCT, masked after mixing). ``images``: the pixel batch, only
+        needed to move a public pool to its device."""
+        if draw.mix is None:
+            raise ValueError("this draw has no MixUp (draw it with draw() or draw_mix())")
+        pool = self._pool(images if images is not None else encoded, draw)
+        mixed = self.mixup.apply(encoded, draw.mix, pool)
+        if self.order == "mix_mask":
+            mixed = self.ppfrfd(mixed, draw.perm)
+        return mixed, draw.mix
+
+    def front(self, images: torch.Tensor, draw: Draw) -> torch.Tensor:
+        """The per-face half of :meth:`apply`: masked faces (``mask_mix``) or their BDCT (``mix_mask``)."""
+        return self.encode(images, draw.perm) if self.order == "mask_mix" else self.bdct(images)
+
+    def apply(self, images: torch.Tensor, draw: Draw) -> Tuple[torch.Tensor, MixRecord]:
+        """Release ``images`` with the secrets of ``draw`` (deterministic)."""
+        return self.mix(self.front(images, draw), draw, images)
 
     def forward(self, images: torch.Tensor, k: Optional[KLike] = None):
         """``(B, 3, H, W)`` in [-1, 1] -> ``(masked (B, C_kept, H*u/8, W*u/8), MixRecord)``."""
-        freq = self.bdct(images)
-        pool = None
-        if self.order == "mask_mix":
-            x = self.ppfrfd(freq)
-            if self.pool is not None:
-                pool = _EncodedPool(self.pool.to(images.device, images.dtype), self.encode)
-            bands = self.ppfrfd.kept_index % 64
-            return self.mixup(x, k=k, pool=pool, bands=bands)
-        if self.pool is not None:
-            pool = _EncodedPool(self.pool.to(images.device, images.dtype), self.bdct)
-        mixed, record = self.mixup(freq, k=k, pool=pool)
-        return self.ppfrfd(mixed), record
+        return self.apply(images, self.draw(images, k))
 
     @torch.no_grad()
     def query(self, images: torch.Tensor) -> torch.Tensor:

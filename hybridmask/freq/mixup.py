@@ -75,6 +75,24 @@ class MixRecord:
         return out
 
 
+@dataclass
+class Draw:
+    """The secret randomness of one release of a batch, drawn apart from applying it (torchvision v2's
+    ``_get_params`` / ``_transform`` split): a value the trainer and the attacks can hold, replay or
+    replace. Every field is optional; a defense fills the ones it uses.
+
+    perm:      (B, C) channel permutation of each face (PPFR-FD's shuffle; with a client key every row
+               is the key).
+    mix:       the partners and weights of a MixUp (:class:`MixRecord`); None: each face alone.
+    pool_perm: (B, K-1, C) permutations of partners drawn from a public pool.
+    noise:     defense-specific noise in the release's shape (DCTDP's Laplace draws, InstaHide's signs).
+    """
+    perm: Optional[torch.Tensor] = None
+    mix: Optional[MixRecord] = None
+    pool_perm: Optional[torch.Tensor] = None
+    noise: Optional[torch.Tensor] = None
+
+
 def sample_gamma(alpha: float, shape, generator: torch.Generator) -> torch.Tensor:
     """Gamma(alpha, 1) draws from an explicit generator (Marsaglia-Tsang, with the alpha<1 boost)."""
     if alpha <= 0:
@@ -235,25 +253,24 @@ class FreqMixUp(nn.Module):
             raise HybridMaskInputError(f"bands must have shape ({channels},), got {tuple(bands.shape)}")
         return bands
 
-    def forward(self, x: torch.Tensor, k: Optional[KLike] = None, pool=None,
-                bands: Optional[torch.Tensor] = None):
-        """Mix ``x`` (B, C, h, w). ``pool``: a tensor in the same representation as ``x`` or an
-        object with ``__len__`` and ``__call__(indices) -> (len(indices), C, h, w)``.
-        ``bands``: (C,) band index per channel for ``granularity="band"`` (default ``c % 64``).
-        Returns ``(mixed, MixRecord)``."""
+    def draw(self, x: torch.Tensor, k: Optional[KLike] = None, pool_size: Optional[int] = None,
+             bands: Optional[torch.Tensor] = None) -> MixRecord:
+        """Draw the partners and weights for mixing ``x`` (B, C, h, w) - the secret half of
+        :meth:`forward` (torchvision v2's ``_get_params``). ``pool_size``: partners come from a pool of
+        that many faces (None: from the batch). Returns the :class:`MixRecord` that :meth:`apply`
+        replays."""
         check_freq(x)
         b, c = x.shape[:2]
-        pool_size = len(pool) if pool is not None else 0
-        if pool is not None and pool_size == 0:
+        if pool_size is not None and pool_size <= 0:
             raise HybridMaskInputError("the partner pool is empty")
-        kt = self.resolve_k(x, k, capacity=(pool_size + 1) if pool is not None else b)
+        kt = self.resolve_k(x, k, capacity=(pool_size + 1) if pool_size is not None else b)
         kmax = int(kt.max())
         if kmax > 1 and self.weights == "instahide" and self.max_weight * int(kt[kt > 1].min()) < 1 - 1e-9:
             raise HybridMaskInputError(f"max_weight {self.max_weight} is infeasible for k={int(kt[kt > 1].min())} "
                                        f"(k * max_weight must be >= 1)")
         groups_of = self.group_index(c, bands)
         ngroups = 1 if groups_of is None else int(groups_of.max()) + 1
-        idx = draw_partners(kt, kmax, b, pool_size, self.generator)
+        idx = draw_partners(kt, kmax, b, pool_size or 0, self.generator)
         w = sample_weights(kt, kmax, ngroups, self.weights, self.generator, self.max_weight, self.alpha)
         if groups_of is None:
             wc = w[:, :, 0]                                # (B, K)
@@ -261,20 +278,45 @@ class FreqMixUp(nn.Module):
         else:
             wc = w[:, :, groups_of]                        # (B, K, C)
             label_w = wc.mean(dim=2)
-        wdev = wc.to(device=x.device, dtype=x.dtype)
-        idx_dev = idx.to(x.device)
-        if pool is None:
-            out = self._mix_in_batch(x, idx_dev, wdev, groups_of)
-        else:
-            out = x * (wdev[:, 0].view(b, 1, 1, 1) if groups_of is None else wdev[:, 0].view(b, c, 1, 1))
-            for j in range(1, kmax):
-                if isinstance(pool, torch.Tensor):
-                    src = pool.index_select(0, idx_dev[:, j].to(pool.device)).to(x.device, x.dtype)
-                else:
-                    src = pool(idx[:, j]).to(x.device, x.dtype)
-                wj = wdev[:, j].view(b, 1, 1, 1) if groups_of is None else wdev[:, j].view(b, c, 1, 1)
-                out = out + wj * src
         label_w = label_w / label_w.sum(dim=1, keepdim=True)
-        record = MixRecord(indices=idx, weights=wc.to(x.dtype), label_weights=label_w.to(x.dtype),
-                           k=kt, source="pool" if pool is not None else "batch", granularity=self.granularity)
-        return out, record
+        return MixRecord(indices=idx, weights=wc.to(x.dtype), label_weights=label_w.to(x.dtype),
+                         k=kt, source="pool" if pool_size is not None else "batch", granularity=self.granularity)
+
+    @staticmethod
+    def apply(x: torch.Tensor, record: MixRecord, pool=None) -> torch.Tensor:
+        """Mix ``x`` with the partners and weights of ``record`` (deterministic; differentiable in
+        ``x``). ``pool``: what ``record``'s pool indices point into (a tensor in ``x``'s representation
+        or a callable ``pool(indices) -> faces``) when ``record.source == "pool"``."""
+        check_freq(x)
+        b, c = x.shape[:2]
+        if record.indices.shape[0] != b:
+            raise HybridMaskInputError(f"the mix record is for {record.indices.shape[0]} samples, got {b}")
+        if (record.source == "pool") != (pool is not None):
+            raise HybridMaskInputError(f"the mix record draws partners from the {record.source}; "
+                                       f"{'pass' if pool is None else 'do not pass'} a pool")
+        per_channel = record.weights.dim() == 3
+        if per_channel and record.weights.shape[2] != c:
+            raise HybridMaskInputError(f"the mix record has weights for {record.weights.shape[2]} channels, got {c}")
+        wdev = record.weights.to(device=x.device, dtype=x.dtype)
+        idx_dev = record.indices.to(x.device)
+        if pool is None:
+            groups_of = torch.arange(c) if per_channel else None
+            return FreqMixUp._mix_in_batch(x, idx_dev, wdev, groups_of)
+        out = x * (wdev[:, 0].view(b, 1, 1, 1) if not per_channel else wdev[:, 0].view(b, c, 1, 1))
+        for j in range(1, record.indices.shape[1]):
+            if isinstance(pool, torch.Tensor):
+                src = pool.index_select(0, idx_dev[:, j].to(pool.device)).to(x.device, x.dtype)
+            else:
+                src = pool(record.indices[:, j], j).to(x.device, x.dtype)
+            wj = wdev[:, j].view(b, 1, 1, 1) if not per_channel else wdev[:, j].view(b, c, 1, 1)
+            out = out + wj * src
+        return out
+
+    def forward(self, x: torch.Tensor, k: Optional[KLike] = None, pool=None,
+                bands: Optional[torch.Tensor] = None):
+        """Mix ``x`` (B, C, h, w): :meth:`draw` then :meth:`apply`. ``pool``: a tensor in the same
+        representation as ``x`` or an object with ``__len__`` and ``__call__(indices, column) ->
+        (len(indices), C, h, w)``. ``bands``: (C,) band index per channel for ``granularity="band"``
+        (default ``c % 64``). Returns ``(mixed, MixRecord)``."""
+        record = self.draw(x, k, None if pool is None else len(pool), bands)
+        return self.apply(x, record, pool), record

@@ -87,14 +87,20 @@ class PPFRFD(nn.Module):
             m = (m + torch.roll(m, shifts=-1, dims=1)) / math.sqrt(2.0)
         return m
 
-    def forward(self, freq: torch.Tensor) -> torch.Tensor:
+    def forward(self, freq: torch.Tensor, perm: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Select, shuffle and mix in one pass: each output channel is gathered straight from
         ``freq`` (row ``b*192 + kept[perm_b[i]]`` of the flattened tensor), and the neighbour mix
-        adds a second gather in place. Same result and draws as ``scramble(select(freq))``."""
+        adds a second gather in place. Same result and draws as ``scramble(select(freq))``.
+        ``perm``: the (B, C_kept) permutations to apply (from :meth:`permutations`); None draws them."""
         check_freq(freq, NUM_CHANNELS, "BDCT coefficients")
         b, _, h, w = freq.shape
         kept = self.kept_index.to(freq.device)
-        perm = self.permutations(b)
+        if perm is None:
+            perm = self.permutations(b)
+        elif self.shuffle == "none":
+            raise ValueError("this PPFR-FD does not shuffle (shuffle='none'); pass perm=None")
+        elif tuple(perm.shape) != (b, len(self.kept)):
+            raise ValueError(f"perm must have shape ({b}, {len(self.kept)}), got {tuple(perm.shape)}")
         src = kept.expand(b, -1) if perm is None else kept[perm.to(freq.device)]         # (B, C_kept)
         src = src + NUM_CHANNELS * torch.arange(b, device=freq.device).unsqueeze(1)
         rows = freq.reshape(b * NUM_CHANNELS, h * w)
