@@ -19,7 +19,6 @@ value is checked against the metric's declared range before it is returned.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -31,33 +30,17 @@ from ..utils import HybridMaskInputError, Registry, check_images
 METRICS = Registry("metric")
 
 
-@dataclass(frozen=True)
-class MetricSpec:
-    name: str
-    fn: Callable
-    range: Tuple[float, float]
-    higher_is_private: bool
-    doc: str
-
-
-_SPECS: Dict[str, MetricSpec] = {}
-
-
 def register_metric(name: str, range: Tuple[float, float], higher_is_private: bool, doc: str = ""):
+    """Register ``fn`` under ``name``; ``range``, ``higher_is_private`` and ``doc`` declare the metric
+    where it is defined (each metric checks its own range with :func:`check_range`)."""
     def deco(fn):
         METRICS.register(name)(fn)
-        _SPECS[name] = MetricSpec(name, fn, range, higher_is_private, doc)
         return fn
     return deco
 
 
 def list_metrics():
     return METRICS.names()
-
-
-def metric_spec(name: str) -> MetricSpec:
-    METRICS.get(name)  # KeyError with the list
-    return _SPECS[str(name).lower()]
 
 
 def compute_metric(name: str, *args, **kwargs):

@@ -209,7 +209,3 @@ class EmbeddingDecoder(nn.Module):
         e = F.normalize(e.flatten(1), dim=1) * (self.dim ** 0.5)
         h = self.fc(e).view(e.shape[0], self.c0, 4, 4)
         return torch.tanh(self.head(self.body(h)))
-
-
-def count_parameters(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())

@@ -1,90 +1,17 @@
 r"""The policy's reward: privacy (FR loss) under an explicit utility constraint.
 
-Why a plain FR-loss reward collapses
-------------------------------------
-Mixing more images always makes the recogniser's loss larger, so with ``R = L_FR`` the best
-action is always the largest k (k=6) and the policy learns nothing useful (DESIGN 1.1 step 5).
+Rewarding the FR loss alone makes the largest k optimal (DESIGN 1.1 step 5), so
+:class:`LagrangianReward` charges each sample for its own action,
+``R_i = P_i - mu * c(k_i)``: ``P`` is the FR loss normalised with running statistics
+(global, or per k with the between-k benefit kept), ``c`` a cost vector (``"linear"``,
+``"log"`` or numbers per k, :meth:`LagrangianReward.set_costs`) and ``mu >= 0`` a multiplier
+driven by the deficit ``U_target - U`` of a running k=1 held-out utility (PI-damped dual ascent,
+:meth:`LagrangianReward.update_multiplier`). With ``constraint=False`` the cost term is dropped. Everything the
+reward depends on is in :meth:`LagrangianReward.state_dict` (exact resume).
 
-The constrained problem
------------------------
-We want the most privacy the recogniser can afford::
-
-    max_pi  E_pi[ P(k) ]   subject to   U(pi) >= U_target
-
-where ``P`` is the (normalised) FR loss of a sample mixed with k images and ``U`` a running
-utility (verification/identification accuracy of the recogniser on clean-but-masked, k=1,
-held-out data). ``U`` depends on the policy only through the *mix of k values the recogniser was
-trained on*. Its Lagrangian is ``E_pi[P(k)] - mu * (U_target - U(pi))`` with ``mu >= 0``, solved
-by gradient ascent on the policy and dual ascent on ``mu``:
-
-    mu <- clip(mu + mu_lr * (U_target - U), 0, mu_max)        (update_multiplier)
-
-By default (``mu_kp=10``) a proportional term is added, ``mu = clip(I + mu_kp * (U_target - U))``
-with ``I`` the integral above; ``mu_kp=0`` is pure dual ascent (a PI controller, as in Stooke et al. 2020 "Responsive safety in RL
-by PID Lagrangian methods"): it reacts to a deficit at once and withdraws as soon as it is gone,
-which damps the overshoot/oscillation of pure dual ascent when the utility responds to the
-action mix with a delay (the recogniser has to be trained on the new mix first).
-
-Time scales: the multiplier must move slower than the policy can follow. If ``mu`` overshoots
-far past the value where the constraint holds, the reward gaps become large, the policy turns
-deterministic on the cheapest k and REINFORCE stops exploring. Rules of thumb (rewards here are in
-units of the FR-loss spread, costs in ``[0, 1]``, so the balancing ``mu`` is O(1)-O(10)):
-``mu_lr * typical_deficit * policy_response_steps`` well below that value, and an entropy bonus of
-about 0.05-0.1 (at the REINFORCE optimum ``pi(k) ~ exp(R(k) / entropy_coef)``).
-
-The projection onto ``mu >= 0`` plays the role of the hinge ``max(0, U_target - U)`` of the
-DESIGN formula ``R = L_FR - mu * max(0, U_target - U)``: while the constraint is slack, ``mu``
-decays to 0 and the reward is the pure FR loss.
-
-Per-sample credit assignment (the important part)
---------------------------------------------------
-``U`` is one number per evaluation, identical for every sample of a batch. Subtracting
-``mu * (U_target - U)`` from every sample's reward changes nothing: a constant is absorbed by
-the REINFORCE baseline, and ``E[c * grad log pi] = 0`` for any constant ``c``. The penalty has to
-be split over the actions that caused it. To first order the utility is linear in the action
-mix, ``U(pi) ~ U_0 - sum_k pi(k) * c(k)`` (``c(k)``: utility lost per unit fraction of samples
-mixed with k), so the Lagrangian becomes a per-action quantity and each sample is charged the
-cost of its own action::
-
-    R_i = P_i - mu * c(k_i)
-
-``c`` is the *cost vector* (``cost=``): ``"linear"`` (default) ``c(k) = (k - 1) / (k_max - 1)``,
-``"log"`` ``c(k) = log k / log k_max``, or explicit numbers per k (e.g. a measured accuracy drop
-per k), replaceable at run time with :meth:`LagrangianReward.set_costs`. The overall scale of
-``c`` is absorbed by ``mu``, which dual ascent tunes until the constraint holds; for the target to
-be reachable it is enough that the cheapest action under ``c`` meets it when used alone (with the
-default, k=2). The *shape* of ``c`` decides which of the mixes that meet the target the policy
-prefers (e.g. ``cost="log"`` against a privacy gain that grows like ``log k`` makes all k tie
-at the balancing ``mu``, giving a near-uniform mix).
-
-Why it cannot collapse while the constraint binds: if the policy put all mass on k=6 and
-``U(k=6 only) < U_target`` (the constraint binds), every ``update_multiplier`` call raises ``mu``
-by ``mu_lr * (U_target - U) > 0`` (the integral term ``I``); once ``mu * (c(6) - c(k)) > P(6) - P(k)`` for a cheaper k, that
-k has the larger expected reward and the policy moves toward it. The only fixed points of
-the coupled dynamics have ``U ~ U_target`` on average, which "always k=6" violates. With
-``constraint=False`` the cost term is dropped (``mu`` is never updated and not applied) and
-collapse to the largest k is the expected (and tested) outcome.
-
-Normalisation of the privacy term ``P``
----------------------------------------
-Raw FR losses drift during training (the recogniser improves) and their scale depends on the
-margin head, so ``P`` is normalised with running statistics (per-sample exponential moving
-averages with momentum ``momentum``, exact averages during warm-up):
-
-* ``per_k_norm=False``: a global z-score, ``P_i = (L_i - m) / s`` (``m, s``: running mean/std of
-  the FR loss over all samples). The between-k differences, i.e. the privacy benefit of a larger
-  k, are kept in units of the global spread.
-* ``per_k_norm=True`` (default): ``P_i = (m_{k_i} - m) / s + (L_i - m_{k_i}) / s_{k_i}`` with
-  ``m_k, s_k`` the running mean/std of the FR loss of samples mixed with k. A full within-k
-  z-score would delete the privacy benefit of k (every k would average to 0 and only the cost
-  would remain, i.e. collapse to the cheapest k). Here the *between-k* part keeps the benefit in
-  global units, while the *within-k* part (how hard this sample was compared with others mixed
-  with the same k) is put on the same unit scale for every k, so an action whose loss is merely
-  noisier does not dominate the gradient noise. If every ``s_k = s`` this equals the global form.
-
-``P`` is clipped to ``[-clip, clip]``. The running statistics include the current batch (the
-first batch is normalised by itself). Everything the reward depends on is in
-:meth:`LagrangianReward.state_dict` (exact resume).
+Why this cannot collapse while the constraint binds, the credit-assignment argument, the
+normalisation of ``P`` and tuning rules for the multiplier: ``docs/policy.md``
+("The reward in detail").
 """
 from __future__ import annotations
 

@@ -96,15 +96,6 @@ def set_dotted(cfg: Dict[str, Any], parts: List[str], value: Any) -> None:
     node[parts[-1]] = value
 
 
-def get_dotted(cfg: Dict[str, Any], key: str, default: Any = None) -> Any:
-    node: Any = cfg
-    for p in key.split("."):
-        if not isinstance(node, dict) or p not in node:
-            return default
-        node = node[p]
-    return node
-
-
 def _free(prefix: str) -> bool:
     return any(prefix == f or prefix.startswith(f + ".") for f in FREE_FORM)
 

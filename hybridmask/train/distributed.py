@@ -113,8 +113,3 @@ def all_reduce_mean(value: float) -> float:
 def barrier() -> None:
     if is_dist():
         dist.barrier()
-
-
-def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
