@@ -305,7 +305,8 @@ def test_cli_resolves_defenses(tmp_path):
     assert d.config["name"] == "freq_mixup" and d.config["k"] == 3 and d.grid == 28
     from hybridmask.models import create_model, save_model
     m = create_model("tiny_test", stem="freq", in_chans=189, grid=14, embedding_size=8)
-    save_model(tmp_path / "m.pt", m, masking={"u": 1, "drop": "dc", "shuffle": "sample", "mix": "neighbour", "k": 4})
+    from hybridmask.defenses import create_defense, defense_record
+    save_model(tmp_path / "m.pt", m, extra=defense_record(create_defense("freq_mixup", k=4)))
     d = resolve_defense(str(tmp_path / "m.pt"), {})
     assert d.config["name"] == "freq_mixup" and d.config["k"] == 4
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")

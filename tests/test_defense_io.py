@@ -11,9 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hybridmask.defenses import create_defense
-from hybridmask.defenses.io import (DefenseNotRecordedError, defense_from_checkpoint, defense_from_run,
-                                    load_defense)
+from hybridmask.defenses import build_defense, load_defense
+from hybridmask.defenses.io import DefenseNotRecordedError
 from hybridmask.models import create_model, save_model
 from hybridmask.utils import atomic_save, safe_torch_load
 
@@ -53,29 +52,28 @@ def test_dctdp_run_rebuilds_its_trained_budgets(runs):
     run = runs["dctdp"]
     rho = trained_rho(run)
     assert float(rho.abs().max()) > 0                       # moved off the uniform start
-    d = defense_from_checkpoint(run / "model.pt")
-    assert d.name == "dctdp" and d.config["state_path"] == str(run / "model.pt")
+    d = load_defense(run / "model.pt")
+    assert d.name == "dctdp" and "state_path" not in d.config
     torch.testing.assert_close(d.rho.detach(), rho)
-    # a white-box attacker's own instance (create_defense(**config)) has the same budgets
-    cfg = dict(d.config)
-    torch.testing.assert_close(create_defense(cfg.pop("name"), seed=1, **cfg).epsilon(), d.epsilon())
+    # a white-box attacker's own instance (config + learned state, its own secrets) has the same budgets
+    torch.testing.assert_close(build_defense(d.config, d.defense_state(), seed=1).epsilon(), d.epsilon())
     # run folder, its config.yaml and an unfinished run (no model.pt: the trainer checkpoint) agree
     for spec in (run, run / "config.yaml"):
         torch.testing.assert_close(load_defense(spec).rho.detach(), rho)
     partial = run.parent / "dctdp_partial"
     shutil.copytree(run, partial)
     (partial / "model.pt").unlink()
-    d2 = defense_from_run(partial)
-    assert d2.config["state_path"] == str(partial / "ckpt" / "last.pt")
-    torch.testing.assert_close(d2.rho.detach(), rho)
+    torch.testing.assert_close(load_defense(partial).rho.detach(), rho)
     shutil.rmtree(partial / "ckpt")          # only the config left: refuse to rebuild untrained budgets
+    with pytest.raises(FileNotFoundError, match="not a training run"):
+        load_defense(partial)
     with pytest.raises(ValueError, match="untrained"):
-        defense_from_run(partial)
+        load_defense(partial / "config.yaml")
     # fresh secrets: two rebuilds draw different noise
     x = torch.rand(2, 3, 112, 112) * 2 - 1
-    assert not torch.equal(d.query(x), defense_from_checkpoint(run / "model.pt").query(x))
+    assert not torch.equal(d.query(x), load_defense(run / "model.pt").query(x))
     with pytest.raises(ValueError, match="budget_mean"):
-        defense_from_checkpoint(run / "model.pt", overrides={"budget_mean": 2.0})
+        load_defense(run / "model.pt", overrides={"budget_mean": 2.0})
 
 
 def test_instahide_run(runs):
@@ -86,30 +84,25 @@ def test_instahide_run(runs):
     assert load_defense(runs["instahide"], overrides={"k": 3}).k == 3
 
 
-def test_adaptive_run_uses_its_policy(runs, tmp_path):
+def test_adaptive_run_carries_its_policy(runs, tmp_path):
     run = runs["adaptive"]
     d = load_defense(run / "model.pt")
-    assert d.name == "adaptive" and d.config["policy_path"] == str(run / "policy.pt")
+    assert d.name == "adaptive" and "policy_path" not in d.config
     pol = safe_torch_load(run / "policy.pt")["policy_state"]
     for k, v in pol.items():
         torch.testing.assert_close(d.policy.state_dict()[k], v)
     assert list(d.policy.k_values) == [2, 3]
-    # the model without its policy: the attack refuses, evaluation only needs the k=1 query
+    # the policy travels inside the model's defense record: the model alone is enough
     lone = tmp_path / "lone"
     lone.mkdir()
     shutil.copy(run / "model.pt", lone / "model.pt")
-    with pytest.raises(ValueError, match="policy"):
+    assert load_defense(lone / "model.pt").policy.k_values == [2, 3]
+    blob = safe_torch_load(run / "model.pt")         # without its learned state it would be untrained
+    blob["extra"]["defense_state"] = None
+    atomic_save(blob, lone / "model.pt")
+    with pytest.raises(ValueError, match="untrained"):
         load_defense(lone / "model.pt")
-    shutil.copy(run / "config.yaml", lone / "config.yaml")
-    with pytest.raises(FileNotFoundError, match="policy.pt"):
-        load_defense(lone / "model.pt")
-    assert defense_from_checkpoint(lone / "model.pt", for_query=True).name == "adaptive"
-    blob = safe_torch_load(run / "policy.pt")   # a policy from another run is not taken for this one
-    blob["extra"]["run"] = "other"
-    atomic_save(blob, lone / "policy.pt")
-    with pytest.raises(ValueError, match="from run 'other'"):
-        load_defense(lone / "model.pt")
-    assert load_defense(run / "policy.pt").config["k_values"] == [2, 3]
+    assert list(load_defense(run / "policy.pt").policy.k_values) == [2, 3]
 
 
 def test_checkpoints_without_a_defense_record(tmp_path):
@@ -124,7 +117,7 @@ def test_checkpoints_without_a_defense_record(tmp_path):
         load_defense(tmp_path / "wrong.pt")
     save_model(tmp_path / "dct.pt", create_model("tiny_test", stem="freq", in_chans=189, grid=14, embedding_size=8),
                extra={"defense": {"name": "dctdp", "u": 1}})
-    with pytest.raises(ValueError, match="no trained parameters"):
+    with pytest.raises(ValueError, match="untrained"):
         load_defense(tmp_path / "dct.pt")
     atomic_save({"format": "something else"}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a hybridmask"):
@@ -133,13 +126,6 @@ def test_checkpoints_without_a_defense_record(tmp_path):
         load_defense(tmp_path)
     with pytest.raises(KeyError, match="unknown defense"):
         load_defense("nope")
-
-
-def test_arl_checkpoint(tmp_path):
-    from hybridmask.defenses.arl import ARLNet, save_arl
-    save_arl(tmp_path / "arl.pt", ARLNet(width=4, input_size=32, fc_dim=16, disc_width=4))
-    d = defense_from_run(tmp_path)
-    assert d.name == "arl" and d.config["checkpoint"] == str(tmp_path / "arl.pt")
 
 
 # ---- the CLIs -------------------------------------------------------------------------------------------
@@ -172,9 +158,7 @@ def test_attack_cli_attacks_the_trained_defense(runs, kind, tmp_path, monkeypatc
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert res["defense"] == kind and res["config"]["name"] == kind
-    if kind == "dctdp":
-        assert res["config"]["state_path"] == str(runs[kind] / "model.pt")
-    else:
+    if kind == "instahide":
         assert res["config"]["k"] == 2
     assert "cgan" in res["attacks"]
 

@@ -225,19 +225,19 @@ def test_eval_cli_with_checkpoint(tmp_path, capsys):
 
 def test_eval_cli_masked_checkpoint(tmp_path):
     models = pytest.importorskip("hybridmask.models")
-    freq = pytest.importorskip("hybridmask.freq")
     from hybridmask.eval.recognizers import load_recognizer
-    hm = freq.HybridMask(u=1, drop="dc", seed=0)
-    net = models.create_model("tiny_test", stem="freq", in_chans=hm.out_channels, grid=hm.grid(112), embedding_size=16)
+    from hybridmask.defenses import create_defense, defense_record
+    d = create_defense("ppfrfd", u=1, drop="dc", seed=0)
+    net = models.create_model("tiny_test", stem="freq", in_chans=d.in_channels, grid=d.grid, embedding_size=16)
     ckpt = tmp_path / "m.pt"
-    models.save_model(ckpt, net, masking=hm.config)
+    models.save_model(ckpt, net, extra=defense_record(d))
     model, transform, info = load_recognizer(str(ckpt), device="cpu")
-    assert transform is not None and info["masking"]["drop"] == "dc"
+    assert transform is not None and info["defense_config"]["drop"] == "dc"
     r = evaluate(model, synthetic_pairs(20, num_identities=5, images_per_identity=2), transform=transform,
                  progress=False)
     assert r["masked_query"] and r["pairs"] == 20
-    models.save_model(ckpt, net)  # frequency model without its masking config: clear error
-    with pytest.raises(ValueError, match="masking"):
+    models.save_model(ckpt, net)  # frequency model without its defense record: clear error
+    with pytest.raises(ValueError, match="records no defense"):
         load_recognizer(str(ckpt), device="cpu")
 
 

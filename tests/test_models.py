@@ -44,7 +44,7 @@ def test_pixel_stem_forward_backward(name):
     torch.manual_seed(0)
     model = create_model(name, stem="pixel", embedding_size=128)
     assert model.embedding_size == 128 and model.config["stem"] == "pixel"
-    x = torch.randn(2, 3, 112, 112, generator=_gen())
+    x = torch.rand(2, 3, 112, 112, generator=_gen()) * 2 - 1  # images lie in [-1, 1]
     _fwd_bwd(model, x)
 
 
@@ -80,7 +80,7 @@ def test_pixel_stem_final_map_is_7x7():
     for name in ("iresnet18", "mobilefacenet"):
         model = create_model(name, embedding_size=32).eval()
         with torch.no_grad():
-            feats = model.features(torch.randn(1, 3, 112, 112, generator=_gen()))
+            feats = model.features(torch.rand(1, 3, 112, 112, generator=_gen()) * 2 - 1)
         assert feats["stage4"].shape[-2:] == (7, 7)
 
 
@@ -95,7 +95,7 @@ def test_freq_grid14_is_cheaper_than_pixels(name):
 def test_tiny_test_is_tiny_and_takes_small_inputs():
     model = create_model("tiny_test", embedding_size=16)
     assert sum(p.numel() for p in model.parameters()) < 10_000
-    _fwd_bwd(create_model("tiny_test", grid=32, embedding_size=16), torch.randn(2, 3, 32, 32))
+    _fwd_bwd(create_model("tiny_test", grid=32, embedding_size=16), torch.rand(2, 3, 32, 32) * 2 - 1)
     _fwd_bwd(create_model("tiny_test", stem="freq", in_chans=9, grid=8, embedding_size=16), torch.randn(2, 9, 8, 8))
 
 
@@ -107,7 +107,7 @@ def test_bad_inputs_give_clear_errors(stem, shape):
     with pytest.raises(HybridMaskInputError, match=f"{C} channels, got {C + 1}"):
         model(torch.randn(B, C + 1, H, W))
     with pytest.raises(HybridMaskInputError, match=f"{H}x{W}, got {H * 2}x{W * 2}"):
-        model(torch.randn(B, C, H * 2, W * 2))
+        model(torch.rand(B, C, H * 2, W * 2) * 2 - 1)
     x = torch.randn(*shape)
     x[0, 0, 0, 0] = float("nan")
     with pytest.raises(HybridMaskInputError, match="NaN"):
@@ -338,13 +338,13 @@ def test_save_load_round_trip(tmp_path):
     for _ in range(2):  # move BN running stats away from their defaults
         model(torch.randn(4, 189, 14, 14))
     model.eval()
-    masking = {"u": 1, "drop": "dc", "k": [2, 3], "weights": "instahide"}
-    extra = {"epoch": 3, "lfw": 0.5, "ids": ["a", "b"], "opt": {"lr": torch.tensor(0.1)}}
+    record = {"defense": {"name": "freq_mixup", "u": 1, "drop": "dc", "k": 3}, "defense_state": None}
+    extra = {"epoch": 3, "lfw": 0.5, "ids": ["a", "b"], "opt": {"lr": torch.tensor(0.1)}, **record}
     path = tmp_path / "sub" / "rec.pt"
-    save_model(path, model, head, extra=extra, masking=masking)
+    save_model(path, model, head, extra=extra)
     assert path.is_file() and not list(path.parent.glob(".*.tmp"))
     raw = torch.load(path, weights_only=True)  # loads with the safe unpickler
-    assert raw["masking"] == masking
+    assert raw["extra"]["defense"] == record["defense"]
     model2, head2, meta = load_model(path)
     assert not model2.training and model2.config == model.config
     x = torch.randn(3, 189, 14, 14, generator=_gen(9))
@@ -353,7 +353,7 @@ def test_save_load_round_trip(tmp_path):
         assert torch.equal(model(x), model2(x))
         assert torch.equal(head(model(x), y), head2(model2(x), y))
     assert head2.config == head.config
-    assert meta["masking"] == masking and meta["extra"]["ids"] == ["a", "b"]
+    assert meta["extra"]["defense"] == record["defense"] and meta["extra"]["ids"] == ["a", "b"]
     assert meta["model_config"]["downsample"] == "early" and meta["hybridmask_version"]
     assert (meta["name"], meta["stem"], meta["grid"], meta["embedding_size"]) == ("tiny_test", "freq", 14, 32)
 
@@ -362,22 +362,23 @@ def test_save_load_without_head(tmp_path):
     model = create_model("mobilefacenet", stem="freq", in_chans=12, grid=14, embedding_size=16).eval()
     save_model(tmp_path / "m.pt", model)
     model2, head2, meta = load_model(tmp_path / "m.pt")
-    assert head2 is None and meta["masking"] is None
+    assert head2 is None and meta["extra"] is None
     x = torch.randn(2, 12, 14, 14)
     with torch.no_grad():
         assert torch.equal(model(x), model2(x))
 
 
-def test_checkpoint_masking_rebuilds_query_masking(tmp_path):
-    from hybridmask.freq import HybridMask
-    hm = HybridMask(u=2, drop="low10", k=2, seed=1)
-    model = create_model("tiny_test", stem="freq", in_chans=hm.out_channels, grid=hm.grid(112), embedding_size=8)
-    save_model(tmp_path / "r.pt", model.eval(), masking=hm.config)
+def test_checkpoint_defense_record_rebuilds_query_masking(tmp_path):
+    from hybridmask.defenses import create_defense, defense_record, load_defense
+    d = create_defense("freq_mixup", u=2, drop="low10", k=2, seed=1)
+    model = create_model("tiny_test", stem="freq", in_chans=d.in_channels, grid=d.grid, embedding_size=8)
+    save_model(tmp_path / "r.pt", model.eval(), extra=defense_record(d))
     model2, _, meta = load_model(tmp_path / "r.pt")
-    hm2 = HybridMask.from_config(meta["masking"], seed=2)
-    assert (hm2.out_channels, hm2.grid(112)) == (model2.in_chans, model2.input_size)
+    d2 = load_defense(tmp_path / "r.pt", seed=2)
+    assert d2.config == d.config
+    assert (d2.in_channels, d2.grid) == (model2.in_chans, model2.input_size)
     with torch.no_grad():
-        assert model2(hm2.query(torch.zeros(2, 3, 112, 112))).shape == (2, 8)
+        assert model2(d2.query(torch.zeros(2, 3, 112, 112))).shape == (2, 8)
 
 
 def test_load_errors(tmp_path):
@@ -414,8 +415,8 @@ def test_save_refuses_non_plain_objects(tmp_path):
     model = create_model("tiny_test", embedding_size=8)
     with pytest.raises(TypeError, match=r"extra\['gen'\].*Generator"):
         save_model(tmp_path / "x.pt", model, extra={"gen": torch.Generator()})
-    with pytest.raises(TypeError, match="masking"):
-        save_model(tmp_path / "x.pt", model, masking={"obj": object()})
+    with pytest.raises(TypeError, match=r"extra\['defense'\]"):
+        save_model(tmp_path / "x.pt", model, extra={"defense": {"obj": object()}})
     with pytest.raises(TypeError, match="create_model"):
         save_model(tmp_path / "x.pt", torch.nn.Linear(2, 2))
     assert not (tmp_path / "x.pt").exists()

@@ -199,14 +199,11 @@ class Attack:
         """The defense object the attacker may run on its own faces (see the module docstring)."""
         if self.params["mode"] == "blackbox":
             return victim_defense
-        from ..defenses import DEFENSES, create_defense
-        config = dict(getattr(victim_defense, "config", {}) or {})
-        name = config.pop("name", None)
-        if name is None or name not in DEFENSES:
-            raise ValueError(f"white-box mode rebuilds the defense from its config, but {name!r} is not a registered "
-                             f"defense; use mode='blackbox' for this defense")
+        from ..defenses.io import build_defense
         seed = int(torch.randint(0, 2**62, (1,), generator=self.generator).item())
-        return create_defense(name, seed=seed, **config)
+        # the public algorithm and its learned values (e.g. DCTDP's budgets, the policy), fresh secrets
+        return build_defense(victim_defense.config, victim_defense.defense_state(), seed=seed,
+                             where="white-box attacker's defense")
 
     def begin_fit(self, defense, public_images: torch.Tensor) -> torch.Tensor:
         """The common start of ``fit``: validate the defense and the public faces, take the attacker's

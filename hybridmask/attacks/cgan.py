@@ -79,8 +79,7 @@ class CGANAttack(Attack):
     def _use_abs(self, defense) -> bool:
         p = self.params["preprocess"]
         if p == "auto":
-            name = (getattr(defense, "config", {}) or {}).get("name")
-            return self.params["mode"] == "whitebox" and name == "instahide"
+            return self.params["mode"] == "whitebox" and defense.structure().sign_flip
         return p == "abs"
 
     def _prep(self, rel: torch.Tensor) -> torch.Tensor:
@@ -107,7 +106,7 @@ class CGANAttack(Attack):
         n = imgs.shape[0]
         bs = min(p["batch_size"], n)
         if p["target"] == "release":
-            kk = p["k"] if p["k"] is not None else int(self.victim_config.get("k", 1))
+            kk = p["k"] if p["k"] is not None else int(defense.structure().k or 1)
             if kk > bs:
                 raise ValueError(f"attack 'cgan': k={kk} needs a batch of at least {kk} faces, batch_size is {bs}")
         # input statistics from the attacker's own releases (per channel)
@@ -119,7 +118,7 @@ class CGANAttack(Attack):
         self.sigma = probe.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6).to(self.device)
         stem = p["stem"]
         if stem == "auto":
-            stem = "set" if (p["mode"] == "whitebox" and self.victim_config.get("shuffle") == "sample") else "conv"
+            stem = "set" if (p["mode"] == "whitebox" and defense.structure().shuffle == "sample") else "conv"
         self.stem_used = stem
         if stem == "set":
             # channel order is secret: one global scale keeps the statistics order-free
@@ -136,7 +135,7 @@ class CGANAttack(Attack):
         targets_small = resize(imgs, p["size"])
         bce = nn.BCEWithLogitsLoss()
         steps = max(1, n // bs)
-        bar = tqdm_or_none(range(p["epochs"] * steps), p["progress"], desc=f"cgan fit ({self.victim_config.get('name')})",
+        bar = tqdm_or_none(range(p["epochs"] * steps), p["progress"], desc=f"cgan fit ({defense.name})",
                            leave=False)
         it = iter(bar)
         self.G.train(), self.D.train()

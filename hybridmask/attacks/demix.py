@@ -90,7 +90,7 @@ class DemixAttack(Attack):
         return g.decode if callable(getattr(g, "decode", None)) else g
 
     def _shuffles_per_sample(self) -> bool:
-        return self.cfg.get("shuffle", "none") == "sample" and self.defense_kind == "freq"
+        return self.structure.shuffle == "sample" and self.defense_kind == "freq"
 
     def report(self) -> Dict[str, Any]:
         return dict(self.info)
@@ -99,15 +99,17 @@ class DemixAttack(Attack):
     def fit(self, defense, public_images, public_labels=None):
         p = self.params
         self.public = self.begin_fit(defense, public_images)
-        self.cfg = self.victim_config
-        self.defense_kind = getattr(defense, "input_kind", "pixel")
+        self.structure = defense.structure()
+        self.defense_kind = defense.input_kind
         if p["k"] is not None:
             self.k = p["k"]
         elif p["mode"] == "whitebox":
-            self.k = int(self.cfg.get("k", 1))
+            if self.structure.k is None:
+                raise ValueError("white-box demix needs k: this defense chooses k per face (pass k=)")
+            self.k = int(self.structure.k)
         else:
             raise ValueError("black-box demix needs k (the attacker's assumption of how many faces are mixed)")
-        self.sign_flip = self.cfg.get("name") == "instahide"
+        self.sign_flip = self.structure.sign_flip
         combine = p["combine"]
         if combine == "auto":
             combine = "decoded" if self._shuffles_per_sample() else "release"
@@ -129,7 +131,7 @@ class DemixAttack(Attack):
             if self.combine_domain == "decoded":
                 self.mu_decoded = self._decode_each(q).mean(0, keepdim=True)
             if dec == "lstsq":
-                self.mu_bdct = self.defense.mask.bdct(self.public).mean(0, keepdim=True)
+                self.mu_bdct = self.structure.bdct(self.public).mean(0, keepdim=True)
         deb = p["debias"]
         if deb == "auto":
             deb = "off" if (self.combine_domain == "decoded" and self.decoder == "generator") else "on"
@@ -140,9 +142,9 @@ class DemixAttack(Attack):
         return self
 
     def _lstsq_possible(self) -> bool:
-        mask = getattr(self.defense, "mask", None)
-        return (self.params["mode"] == "whitebox" and mask is not None and self.defense_kind == "freq"
-                and self.cfg.get("shuffle", "none") == "none")
+        st = self.structure
+        return (self.params["mode"] == "whitebox" and st.transform == "bdct" and st.noise == "none"
+                and st.shuffle == "none")
 
     # ---- observe ---------------------------------------------------------------------------------
     def observe(self, defense, victim_images) -> Dict[str, torch.Tensor]:
@@ -221,9 +223,9 @@ class DemixAttack(Attack):
     def _lstsq(self, est: torch.Tensor) -> torch.Tensor:
         """White-box inverse of drop + neighbour mixing (known order): solve the circulant, fill the
         dropped channels with the public mean, inverse BDCT."""
-        mask = self.defense.mask
+        st = self.structure
         c = est.shape[1]
-        if self.cfg.get("mix", "none") == "neighbour":
+        if st.channel_mix == "neighbour":
             if c % 2 == 0:
                 raise ValueError(f"neighbour mixing of {c} (even) channels is not invertible")
             eye = torch.eye(c, dtype=torch.float64)
@@ -232,8 +234,8 @@ class DemixAttack(Attack):
             sol = torch.linalg.solve(A, flat)
             est = sol.reshape(c, est.shape[0], *est.shape[-2:]).permute(1, 0, 2, 3).to(est.dtype)
         full = self.mu_bdct.expand(est.shape[0], -1, -1, -1).clone()
-        full[:, mask.kept] = est
-        img = mask.bdct.inverse(full, size=(FACE_SIZE, FACE_SIZE))
+        full[:, list(st.kept)] = est
+        img = st.bdct.inverse(full, size=(FACE_SIZE, FACE_SIZE))
         return img
 
     def cluster(self, enc: torch.Tensor, n: int) -> torch.Tensor:

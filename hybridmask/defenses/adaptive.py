@@ -115,6 +115,7 @@ class AdaptiveMask(MaskDefense):
     """
     name = "adaptive"
     mixes = True
+    state_keys = ("policy_config",)
 
     def __init__(self, policy=None, policy_path: Optional[str] = None, policy_config: Optional[Dict[str, Any]] = None,
                  k_values: Sequence[int] = (2, 3, 4, 5, 6), greedy: bool = False,
@@ -148,6 +149,10 @@ class AdaptiveMask(MaskDefense):
     @property
     def max_k(self) -> int:
         return int(max(self.policy.k_values))
+
+    def structure(self):
+        from dataclasses import replace
+        return replace(super().structure(), k=None)
 
     def needs_state(self) -> bool:
         return bool(getattr(self.policy, "trainable", False))

@@ -32,6 +32,7 @@ seed; see :mod:`hybridmask.utils.rng`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -43,6 +44,29 @@ from ..utils import Registry, check_images, make_generator
 from ..utils.rng import SeedLike, generator_state, set_generator_state
 
 DEFENSES = Registry("defense")
+
+
+@dataclass(frozen=True)
+class Structure:
+    """The public algorithm of a defense: what a white-box attacker knows (never its secrets).
+
+    transform:   ``"identity"`` (pixels), ``"bdct"`` (the public block DCT ``bdct``) or ``"learned"``.
+    kept:        the BDCT channels released, in release order before any secret shuffle.
+    shuffle:     secret channel permutation: ``"sample"`` (fresh per face), ``"key"`` (one client key)
+                 or ``"none"``.
+    channel_mix: public channel mixing after the shuffle (``"neighbour"``: ``(I + S)/sqrt(2)``) or ``"none"``.
+    sign_flip:   a fresh secret sign per released value (InstaHide).
+    noise:       additive secret noise (``"laplace"``) or ``"none"``.
+    k:           the fixed number of faces a training release mixes (None: chosen per face).
+    """
+    transform: str = "identity"
+    bdct: Optional[nn.Module] = None
+    kept: Optional[Tuple[int, ...]] = None
+    shuffle: str = "none"
+    channel_mix: str = "none"
+    sign_flip: bool = False
+    noise: str = "none"
+    k: Optional[int] = 1
 INPUT_KINDS = ("pixel", "freq", "feature")
 
 
@@ -66,6 +90,8 @@ class Defense(nn.Module):
     stochastic = False
     mixes = False
     trainable = False
+    #: config keys whose learned state (:meth:`defense_state`) is only valid for the value it was learned at
+    state_keys: Tuple[str, ...] = ()
 
     def __init__(self, **config):
         super().__init__()
@@ -94,6 +120,10 @@ class Defense(nn.Module):
     def max_k(self) -> int:
         """The largest number of faces one training release may mix (1: no mixing)."""
         return 1
+
+    def structure(self) -> Structure:
+        """The public algorithm (see :class:`Structure`); what white-box attacks build on."""
+        return Structure(transform="learned" if self.input_kind == "feature" else "identity")
 
     def capabilities(self) -> Dict[str, Any]:
         return {"input_kind": self.input_kind, "stochastic": self.stochastic, "mixes": self.mixes,
@@ -227,6 +257,12 @@ class MaskDefense(Defense):
     def max_k(self) -> int:
         return int(self.mask.mixup.k) if self.mixes and isinstance(self.mask.mixup.k, int) else 1
 
+    def structure(self) -> Structure:
+        m = self.mask
+        return Structure(transform="bdct", bdct=m.bdct, kept=tuple(m.kept), shuffle=m.ppfrfd.shuffle,
+                         channel_mix=m.ppfrfd.mix, k=self.max_k if isinstance(m.mixup.k, int) or not self.mixes
+                         else None)
+
     def draw(self, images, k=None):
         self._check_k(k)
         if not self.mixes:
@@ -316,6 +352,9 @@ class InstaHide(Defense):
     @property
     def max_k(self) -> int:
         return self.k
+
+    def structure(self) -> Structure:
+        return Structure(transform="identity", sign_flip=True, k=self.k)
 
     def _signs(self, shape) -> torch.Tensor:
         return torch.randint(0, 2, shape, generator=self.generator, dtype=torch.int8)

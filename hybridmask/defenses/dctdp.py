@@ -58,7 +58,7 @@ from ..freq.dct import block_basis
 from ..utils import make_generator
 from ..utils.rng import SeedLike
 from ..utils.validate import HybridMaskInputError
-from .base import Defense, register_defense
+from .base import Defense, Structure, register_defense
 
 GRANULARITIES = ("channel", "element")
 ALLOCATIONS = ("softmax", "free")
@@ -99,6 +99,7 @@ class DCTDPDefense(Defense):
     input_kind = "freq"
     stochastic = True
     trainable = True
+    state_keys = ("u", "budget_mean", "granularity", "allocation", "sensitivity", "learn_loc", "min_budget_fraction")
 
     def __init__(self, u: int = 1, budget_mean: float = 4.0, granularity: str = "channel",
                  allocation: str = "softmax", sensitivity: Union[float, str] = 1.0 / 127.5,
@@ -144,6 +145,9 @@ class DCTDPDefense(Defense):
             sens = torch.full(shape, float(sensitivity))
         self.register_buffer("sensitivity", sens)
         self.generator = make_generator(seed)
+
+    def structure(self):
+        return Structure(transform="bdct", bdct=self.bdct, kept=tuple(self.kept), noise="laplace")
 
     # ---- learned state -----------------------------------------------------------------------
     def trainable_parameters(self):

@@ -76,9 +76,15 @@ def build_defense(config: Mapping[str, Any], state: Optional[Mapping[str, Any]] 
     secrets from ``seed``. ``objects``: live constructor arguments that are not plain data (the
     trainer's policy). Refuses to rebuild a defense that needs learned state without it."""
     name, args = split_config(config, where)
-    args.update(dict(overrides or {}))
     if name not in DEFENSES:
         raise KeyError(f"{where}: unknown defense {name!r}; available: {', '.join(list_defenses())}")
+    if state:
+        fixed = sorted(k for k, v in (overrides or {}).items()
+                       if k in DEFENSES.get(name).state_keys and (k not in args or args[k] != v))
+        if fixed:
+            raise ValueError(f"{where}: cannot override {', '.join(fixed)} of a trained {name!r} defense "
+                             f"(its learned values were trained at {', '.join(f'{k}={args.get(k)!r}' for k in fixed)})")
+    args.update(dict(overrides or {}))
     try:
         defense = create_defense(name, seed=seed, **args, **objects)
     except TypeError as e:

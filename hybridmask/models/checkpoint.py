@@ -5,10 +5,12 @@ A checkpoint is a plain dict (readable with ``torch.load(..., weights_only=True)
     {"format": "hybridmask.recognizer", "format_version": 1, "hybridmask_version": "0.1.0",
      "model_config": {...create_model kwargs...}, "model_state": {...},
      "head_config": {...create_head kwargs...} | None, "head_state": {...} | None,
-     "masking": {...HybridMask config the inputs need...} | None, "extra": {...} | None}
+     "extra": {...} | None}
 
-Only plain containers (dict with str keys, list, tuple), str, int, float, bool, None and tensors may
-appear in ``masking`` and ``extra``; anything else is refused at save time, so every checkpoint
+The defense the model reads through is recorded in ``extra`` as
+:func:`hybridmask.defenses.io.defense_record` writes it (``defense`` + ``defense_state``), so
+:func:`hybridmask.defenses.load_defense` rebuilds it. Only plain containers (dict with str keys,
+list, tuple), str, int, float, bool, None and tensors may appear in ``extra``; anything else is refused at save time, so every checkpoint
 loads with ``weights_only=True``. Files are written atomically.
 """
 from __future__ import annotations
@@ -52,22 +54,20 @@ def _state(module: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def save_model(path: Union[str, os.PathLike], model: FRBackbone, head: Optional[MarginHead] = None,
-               extra: Optional[Dict] = None, masking: Optional[Dict] = None) -> None:
+               extra: Optional[Dict] = None) -> None:
     """Write ``model`` (and optionally its margin ``head``) to ``path`` atomically.
 
     Args:
         model: a backbone from :func:`create_model` (it must carry ``.config``).
         head: optional margin head from :func:`create_head`.
-        extra: optional plain dict (epoch, metrics, training config, optimizer state, ...).
-        masking: optional plain dict: the HybridMask/defense config whose output the model takes, so
-            evaluation can rebuild the query masking (e.g. ``{"u": 1, "drop": "dc", ...}``).
+        extra: optional plain dict (the defense record ``defense_record(defense)``, epoch, metrics, ...).
     """
     config = getattr(model, "config", None)
     if not isinstance(model, nn.Module) or not isinstance(config, dict) or "name" not in config:
         raise TypeError("save_model needs a backbone built by hybridmask.models.create_model (with .config)")
     if head is not None and not isinstance(head, MarginHead):
         raise TypeError(f"head must be a MarginHead from create_head, got {type(head).__name__}")
-    for what, obj in (("model.config", config), ("extra", extra), ("masking", masking)):
+    for what, obj in (("model.config", config), ("extra", extra)):
         if obj is not None and not isinstance(obj, dict):
             raise TypeError(f"{what} must be a dict, got {type(obj).__name__}")
         _check_plain(obj, what)
@@ -79,7 +79,6 @@ def save_model(path: Union[str, os.PathLike], model: FRBackbone, head: Optional[
         "model_state": _state(model),
         "head_config": dict(head.config) if head is not None else None,
         "head_state": _state(head) if head is not None else None,
-        "masking": dict(masking) if masking is not None else None,
         "extra": dict(extra) if extra is not None else None,
     }
     atomic_save(ckpt, path)
@@ -100,7 +99,7 @@ def load_model(path: Union[str, os.PathLike], map_location: Union[str, torch.dev
     """Rebuild a recognizer from a checkpoint written by :func:`save_model`.
 
     Returns ``(model, head_or_None, meta)``; the model and head are in eval mode on
-    ``map_location``. ``meta`` holds ``model_config``, ``head_config``, ``masking``, ``extra``,
+    ``map_location``. ``meta`` holds ``model_config``, ``head_config``, ``extra``,
     ``hybridmask_version``, ``format_version`` and ``path``.
 
     Raises FileNotFoundError (missing file), ValueError (corrupt or not a hybridmask recognizer
@@ -129,7 +128,7 @@ def load_model(path: Union[str, os.PathLike], map_location: Union[str, torch.dev
         head = create_head(hcfg.pop("name"), **hcfg)
         _load_state(head, ckpt.get("head_state"), "head", path)
         head.to(map_location).eval()
-    meta = {k: ckpt.get(k) for k in ("model_config", "head_config", "masking", "extra", "hybridmask_version",
+    meta = {k: ckpt.get(k) for k in ("model_config", "head_config", "extra", "hybridmask_version",
                                      "format_version")}
     meta["path"] = str(path)
     # shortcuts for callers that only want the architecture summary
