@@ -150,6 +150,18 @@ class Attack:
     name = "attack"
     kind = "reconstruction"   # or "class_inversion"
     PARAMS: Tuple[Param, ...] = ()
+    #: what the attack needs of its target (ART's estimator requirements): defense capability
+    #: (``input_kind``, ``stochastic``, ``mixes``, ``trainable``) -> the value, or a tuple of values, it needs
+    REQUIRES: Dict[str, Any] = {}
+
+    @classmethod
+    def applicable(cls, defense) -> Optional[str]:
+        """None when the attack can run against ``defense``; otherwise why not (from :attr:`REQUIRES`)."""
+        for cap, want in cls.REQUIRES.items():
+            have = getattr(defense, cap, None)
+            if not (have in want if isinstance(want, (tuple, list, set, frozenset)) else have == want):
+                return f"needs {cap}={want!r}, the defense has {cap}={have!r}"
+        return None
 
     def __init__(self, **params):
         declared = {p.name: p for p in self.all_params()}
