@@ -148,26 +148,36 @@ def test_other_face_sizes_and_train_stats():
     assert st["epsilon_per_image"] == pytest.approx(4.0 * 189 * 196, rel=1e-5)
 
 
-def test_state_path_loads_trained_budgets(tmp_path):
+def test_load_defense_rebuilds_trained_budgets(tmp_path):
+    from hybridmask.defenses import load_defense
+    from hybridmask.defenses.io import build_defense, defense_record
     from hybridmask.utils import atomic_save
     d = DCTDPDefense(u=1, allocation="free", seed=0)
     with torch.no_grad():
         d.rho.copy_(torch.randn(d.rho.shape))
         d.loc.copy_(torch.randn(d.loc.shape))
-    atomic_save({"format": "hybridmask.trainer", "defense_state": d.state_dict()}, tmp_path / "last.pt")
-    d2 = create_defense("dctdp", allocation="free", state_path=str(tmp_path / "last.pt"), seed=0)
-    torch.testing.assert_close(d2.rho, d.rho)
-    torch.testing.assert_close(d2.loc, d.loc)
-    assert d2.config["state_path"] == str(tmp_path / "last.pt")
-    torch.testing.assert_close(create_defense(**d2.config).epsilon(), d.epsilon())   # config rebuilds it
+    atomic_save({"format": "hybridmask.trainer", **defense_record(d)}, tmp_path / "last.pt")
+    (tmp_path / "run" / "ckpt").mkdir(parents=True)
+    atomic_save({"format": "hybridmask.trainer", **defense_record(d)}, tmp_path / "run" / "ckpt" / "last.pt")
+    for spec in (tmp_path / "last.pt", tmp_path / "run"):   # a checkpoint, or a run folder holding one
+        d2 = load_defense(spec, seed=0)
+        torch.testing.assert_close(d2.rho, d.rho)
+        torch.testing.assert_close(d2.loc, d.loc)
+        assert d2.config == d.config
+    # config + learned state rebuild it
+    torch.testing.assert_close(build_defense(d2.config, d2.defense_state()).epsilon(), d.epsilon())
     with pytest.raises(ValueError, match="do not fit"):
-        DCTDPDefense(granularity="element", state_path=str(tmp_path / "last.pt"))
-    atomic_save({"format": "hybridmask.trainer"}, tmp_path / "plain.pt")
-    with pytest.raises(ValueError, match="no defense_state"):
-        DCTDPDefense(state_path=str(tmp_path / "plain.pt"))
+        build_defense({**d.config, "granularity": "element"}, d.defense_state())
+    with pytest.raises(ValueError, match="budget_mean"):   # learned values belong to the config they trained at
+        load_defense(tmp_path / "last.pt", overrides={"budget_mean": 2.0})
+    with pytest.raises(ValueError, match="no 'rho'"):
+        DCTDPDefense().load_defense_state({"loc": d.loc.detach()})
+    atomic_save({"format": "hybridmask.trainer", "defense": d.config}, tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="untrained"):   # no defense_state: refuse untrained budgets
+        load_defense(tmp_path / "plain.pt")
     atomic_save({"format": "other"}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a hybridmask"):
-        DCTDPDefense(state_path=str(tmp_path / "other.pt"))
+        load_defense(tmp_path / "other.pt")
 
 
 def test_budget_floor_keeps_noise_finite_when_the_privacy_loss_pushes_a_budget_to_zero():

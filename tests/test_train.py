@@ -17,8 +17,8 @@ from hybridmask.cli import main as cli_main
 from hybridmask.defenses import AdaptiveMask, create_defense, load_policy, save_policy
 from hybridmask.models import create_head, create_model
 from hybridmask.policy import FixedKPolicy, LagrangianReward, Reinforce, StrategyNet
-from hybridmask.train import AlternatingTrainer, ResumableBatchSampler
-from hybridmask.train.trainer import learnable_defense_parameters
+from hybridmask.train import (AlternatingTrainer, Checkpoint, DefenseOptim, Logging, PolicySetup, ResumableBatchSampler,
+                              TrainOptions, Utility)
 from hybridmask.train.config import ConfigKeyError, load_config
 from hybridmask.utils import safe_torch_load
 
@@ -56,11 +56,11 @@ def make_trainer(tmp, policy_kind="adaptive", defense_name="adaptive", n_fr=1, t
     trainable = policy is not None and policy.trainable
     rl = Reinforce(policy, lr=1e-2) if trainable else None
     reward = LagrangianReward(policy.k_values, utility_target=0.9) if trainable else None
-    return AlternatingTrainer(model, head, opt, loader, defense, policy=policy, policy_optim=rl, reward=reward,
-                              n_fr=n_fr, n_pi=1, scheduler=sched, utility_data=(x[::PER_ID], y[::PER_ID]),
-                              utility_every=2, log_every=2, batch_size=8, hflip=True, progress=False,
-                              log_dir=(tmp / "tb") if log else None, ckpt_dir=tmp / "ckpt", seed=11,
-                              total_steps=total)
+    setup = PolicySetup(policy, rl, reward, n_fr=n_fr, n_pi=1) if policy is not None else None
+    callbacks = [Utility((x[::PER_ID], y[::PER_ID]), every=2), Logging((tmp / "tb") if log else None, every=2),
+                 Checkpoint(tmp / "ckpt")]
+    return AlternatingTrainer(model, head, opt, loader, defense, scheduler=sched, policy=setup, callbacks=callbacks,
+                              options=TrainOptions(batch_size=8, hflip=True, seed=11, total_steps=total))
 
 
 def params(*modules):
@@ -178,15 +178,23 @@ def test_trainer_rejects_bad_arguments(tmp_path):
     head = create_head("arcface", 16, N_IDS)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     d = create_defense("ppfrfd", seed=0)
+    bs8 = TrainOptions(batch_size=8)
     with pytest.raises(ValueError, match="n_fr"):
-        AlternatingTrainer(model, head, opt, TensorDataset(x, y), d, batch_size=8, n_fr=0)
+        AlternatingTrainer(model, head, opt, TensorDataset(x, y), create_defense("freq_mixup", seed=0),
+                           policy=PolicySetup(FixedKPolicy(3, seed=0), n_fr=0), options=bs8)
     with pytest.raises(ValueError, match="batch_size is required"):
         AlternatingTrainer(model, head, opt, TensorDataset(x, y), d)
     with pytest.raises(ValueError, match="largest k"):
-        AlternatingTrainer(model, head, opt, TensorDataset(x, y), create_defense("freq_mixup", k=6, seed=0), batch_size=4)
+        AlternatingTrainer(model, head, opt, TensorDataset(x, y), create_defense("freq_mixup", k=6, seed=0),
+                           options=TrainOptions(batch_size=4))
+    with pytest.raises(ValueError, match="largest k"):   # the policy's k count as well
+        AlternatingTrainer(model, head, opt, TensorDataset(x, y), create_defense("freq_mixup", k=2, seed=0),
+                           policy=FixedKPolicy(6, seed=0), options=TrainOptions(batch_size=4))
+    with pytest.raises(ValueError, match="does not mix"):
+        AlternatingTrainer(model, head, opt, TensorDataset(x, y), d, policy=FixedKPolicy(3, seed=0), options=bs8)
     with pytest.raises(ValueError, match="fewer than one global batch"):
-        AlternatingTrainer(model, head, opt, TensorDataset(x[:4], y[:4]), d, batch_size=8)
-    tr = AlternatingTrainer(model, head, opt, TensorDataset(x, y), d, batch_size=8, progress=False)
+        AlternatingTrainer(model, head, opt, TensorDataset(x[:4], y[:4]), d, options=bs8)
+    tr = AlternatingTrainer(model, head, opt, TensorDataset(x, y), d, options=bs8)
     with pytest.raises(ValueError, match="exactly one"):
         tr.fit()
 
@@ -202,8 +210,8 @@ def test_bn_warmup_keeps_eval_mode_statistics_right_after_a_short_run(tmp_path):
         model = create_model("tiny_test", stem="freq", in_chans=189, grid=4, embedding_size=16, input_norm=True)
         head = create_head("cosface", 16, N_IDS, s=16.0)
         opt = torch.optim.SGD(list(model.parameters()) + list(head.parameters()), lr=0.01)
-        tr = AlternatingTrainer(model, head, opt, TensorDataset(x, y), d, batch_size=12, progress=False,
-                                bn_warmup=warm, utility_every=0, log_every=0)
+        tr = AlternatingTrainer(model, head, opt, TensorDataset(x, y), d,
+                                options=TrainOptions(batch_size=12, bn_warmup=warm))
         tr.fit(steps=3)
         ratios[warm] = float((model.stem[0].running_var / true_var).median())
         assert all(m.momentum == 0.1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
@@ -223,13 +231,13 @@ def make_dctdp_trainer(tmp, allocation="softmax", total=None, lr=0.05, privacy_w
     head = create_head("cosface", 16, N_IDS, s=16.0)
     opt = torch.optim.SGD(list(model.parameters()) + list(head.parameters()), lr=0.05, momentum=0.9)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.1 * s))
-    dopt = torch.optim.Adam(learnable_defense_parameters(defense), lr=lr)
+    dopt = torch.optim.Adam(defense.trainable_parameters(), lr=lr)
     dsched = torch.optim.lr_scheduler.LambdaLR(dopt, lambda s: 1.0 / (1 + 0.1 * s))
+    callbacks = [Utility((x[::PER_ID], y[::PER_ID]), every=2), Logging((tmp / "tb") if log else None, every=1),
+                 Checkpoint(tmp / "ckpt")]
     return AlternatingTrainer(model, head, opt, DataLoader(TensorDataset(x, y), batch_size=8), defense,
-                              scheduler=sched, defense_optim=dopt, defense_scheduler=dsched,
-                              privacy_weight=privacy_weight, utility_data=(x[::PER_ID], y[::PER_ID]), utility_every=2,
-                              log_every=1, hflip=True, progress=False, log_dir=(tmp / "tb") if log else None,
-                              ckpt_dir=tmp / "ckpt", seed=11, total_steps=total)
+                              scheduler=sched, defense_optim=DefenseOptim(dopt, dsched, privacy_weight=privacy_weight),
+                              callbacks=callbacks, options=TrainOptions(hflip=True, seed=11, total_steps=total))
 
 
 @pytest.mark.parametrize("allocation", ["softmax", "free"])
@@ -298,27 +306,34 @@ def test_learnable_defense_errors_and_parameter_free_defenses_untouched(tmp_path
     opt = torch.optim.SGD(list(model.parameters()) + list(head.parameters()), lr=0.1)
     dct = create_defense("dctdp", seed=0)
     ds = TensorDataset(x, y)
+    bs8 = TrainOptions(batch_size=8)
     with pytest.raises(ValueError, match="in no optimizer"):
-        AlternatingTrainer(model, head, opt, ds, dct, batch_size=8)
+        AlternatingTrainer(model, head, opt, ds, dct, options=bs8)
     with pytest.raises(ValueError, match="without a policy"):
-        AlternatingTrainer(model, head, opt, ds, dct, batch_size=8, policy=FixedKPolicy(1, seed=0),
-                           defense_optim=torch.optim.Adam(dct.parameters()))
+        AlternatingTrainer(model, head, opt, ds, dct, policy=FixedKPolicy(1, seed=0),
+                           defense_optim=torch.optim.Adam(dct.parameters()), options=bs8)
     with pytest.raises(ValueError, match="privacy_weight"):
-        AlternatingTrainer(model, head, opt, ds, dct, batch_size=8, defense_optim=torch.optim.Adam(dct.parameters()),
-                           privacy_weight=-1.0)
+        AlternatingTrainer(model, head, opt, ds, dct, defense_optim=DefenseOptim(torch.optim.Adam(dct.parameters()),
+                                                                                  privacy_weight=-1.0), options=bs8)
     with pytest.raises(ValueError, match="no learnable parameters"):
-        AlternatingTrainer(model, head, opt, ds, create_defense("ppfrfd", seed=0), batch_size=8,
-                           defense_optim=torch.optim.Adam(dct.parameters()))
+        AlternatingTrainer(model, head, opt, ds, create_defense("ppfrfd", seed=0),
+                           defense_optim=torch.optim.Adam(dct.parameters()), options=bs8)
     # the budgets may also sit in the recognizer's own optimizer
     opt2 = torch.optim.SGD(list(model.parameters()) + list(head.parameters()) + list(dct.parameters()), lr=0.1)
-    assert AlternatingTrainer(model, head, opt2, ds, dct, batch_size=8, progress=False).learn_defense
+    assert AlternatingTrainer(model, head, opt2, ds, dct, options=bs8).learn_defense
     # parameter-free defenses (and the adaptive mask, whose policy REINFORCE trains) stay on the no-grad path
     for tr in (make_trainer(tmp_path / "p", policy_kind=None, defense_name="ppfrfd", log=False),
                make_trainer(tmp_path / "a", log=False)):
         assert not tr.learn_defense and tr.defense_params == []
         tr.fit(steps=1)
         ck = safe_torch_load(tr.ckpt_dir / "last.pt")
-        assert "defense_state" not in ck
+        assert ck["defense_learned"] is False and ck["defense_optim"] is None and ck["defense_scheduler"] is None
+        # the defense record: ppfrfd has no learned state; the adaptive one records its policy's weights
+        assert ck["defense"] == tr.defense.config
+        if tr.defense.name == "ppfrfd":
+            assert ck["defense_state"] is None
+        else:
+            assert set(ck["defense_state"]) == {"policy_state", "running_loss", "progress"}
     # checkpoints of the two kinds do not load into each other
     d = make_dctdp_trainer(tmp_path / "d")
     d.fit(steps=1)
@@ -353,14 +368,18 @@ def test_adaptive_defense_release_query_and_policy_file(tmp_path):
     assert released.shape == (8, 189, SIZE // 8, SIZE // 8)
     assert set(rec.k.tolist()) <= set(policy.k_values)
     assert d.query(x[:8]).shape == released.shape
-    save_policy(tmp_path / "policy.pt", policy, masking=d.mask.config, context={"running_loss": 3.0, "progress": 1.0})
+    save_policy(tmp_path / "policy.pt", policy, masking=d.config, context={"running_loss": 3.0, "progress": 1.0})
     blob = safe_torch_load(tmp_path / "policy.pt")
     assert not any("extra_state" in k for k in blob["policy_state"]), "the sampling generator must not be published"
     loaded, meta = load_policy(tmp_path / "policy.pt", seed=0)
     ctx = torch.randn(5, 12)
     assert torch.allclose(loaded.probs(ctx), policy.probs(ctx))
     d2 = create_defense("adaptive", policy_path=str(tmp_path / "policy.pt"), seed=4)
-    assert d2.running_loss == 3.0 and d2.config["policy_path"].endswith("policy.pt")
+    assert d2.running_loss == 3.0 and d2.config["policy_config"]["name"] == "adaptive"
+    # the config holds the policy's shape, the defense state its weights and context: they rebuild it
+    from hybridmask.defenses.io import build_defense
+    d3 = build_defense(d2.config, d2.defense_state(), seed=5)
+    assert d3.running_loss == 3.0 and torch.allclose(d3.policy.probs(ctx), policy.probs(ctx))
     out, rec2 = d2.release(x[:8])
     assert out.shape == released.shape and set(rec2.k.tolist()) <= set(policy.k_values)
     (tmp_path / "junk.pt").write_bytes(b"junk")
@@ -436,7 +455,7 @@ def test_cli_quickstart_end_to_end(tmp_path, capsys):
     assert "epoch 1:" in printed and "k-hist" in printed and "verification synthetic" in printed
     from hybridmask.models import load_model
     model, head, meta = load_model(run / "model.pt")
-    assert meta["masking"]["drop"] == "dc" and head.num_classes == 6
+    assert meta["extra"]["defense"]["drop"] == "dc" and head.num_classes == 6
     d = create_defense("adaptive", policy_path=str(run / "policy.pt"), seed=0)
     x, _ = faces()
     assert model(d.query(x[:4])).shape == (4, 16)
@@ -521,11 +540,13 @@ def test_cli_dctdp_config_trains_its_budgets_end_to_end(tmp_path, capsys):
     assert ck["defense_optim"] is not None and ck["defense_scheduler"]["last_epoch"] == 2
     assert float(ck["defense_state"]["rho"].abs().max()) > 0   # moved off the uniform start
     # the trained budgets travel in model.pt and rebuild the defense the harness attacks
-    d = create_defense("dctdp", u=1, budget_mean=4.0, granularity="channel", allocation="softmax",
-                       state_path=str(run / "model.pt"), seed=0)
-    torch.testing.assert_close(d.rho.detach(), ck["defense_state"]["rho"])
+    from hybridmask.defenses import load_defense
+    for spec in (run / "model.pt", run):
+        d = load_defense(spec, seed=0)
+        assert d.config["budget_mean"] == 4.0 and d.config["allocation"] == "softmax"
+        torch.testing.assert_close(d.rho.detach(), ck["defense_state"]["rho"])
     with pytest.raises(ValueError, match="budget_mean"):
-        create_defense("dctdp", budget_mean=2.0, state_path=str(run / "model.pt"), seed=0)
+        load_defense(run / "model.pt", overrides={"budget_mean": 2.0})
     capsys.readouterr()
 
 

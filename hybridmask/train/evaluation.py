@@ -1,5 +1,6 @@
 """Verification during and after training: LFW / CFP-FP / CFP-FF / synthetic pairs, every query
-masked with k=1 (``defense.query``), embeddings of image + flip, 10-fold accuracy."""
+masked with k=1 (``defense.query``), embeddings of image + flip, 10-fold accuracy; and the identification
+accuracy behind the utility U (:class:`hybridmask.train.callbacks.Utility`)."""
 from __future__ import annotations
 
 import os
@@ -62,6 +63,26 @@ def make_eval_fn(sets: Dict[str, VerificationSet], pairs: Optional[int], batch_s
     return eval_fn
 
 
+@torch.no_grad()
+def identification_accuracy(model: torch.nn.Module, head: torch.nn.Module, query: Callable[[torch.Tensor], torch.Tensor],
+                            images: torch.Tensor, labels: torch.Tensor, device=None, batch_size: int = 128) -> float:
+    """Top-1 identification accuracy: ``query`` (the k=1 release) -> embedding -> nearest class centre
+    of the margin ``head`` (``head.cosine``); the modules' train/eval modes are restored."""
+    was = model.training, head.training
+    model.eval()
+    head.eval()
+    correct = 0
+    try:
+        for i in range(0, images.shape[0], batch_size):
+            x = images[i:i + batch_size].to(device).float()
+            pred = head.cosine(model(query(x))).argmax(1).cpu()
+            correct += int((pred == labels[i:i + batch_size].cpu()).sum())
+    finally:
+        model.train(was[0])
+        head.train(was[1])
+    return correct / max(1, images.shape[0])
+
+
 def brief(metrics: Dict) -> Dict:
     """The headline numbers of a metrics dict (no ROC arrays), for results JSON."""
     keep = ("name", "pairs", "folds", "accuracy", "accuracy_std", "best_accuracy", "auc", "threshold")
@@ -74,4 +95,4 @@ def brief(metrics: Dict) -> Dict:
     return out
 
 
-__all__: List[str] = ["build_sets", "verify", "make_eval_fn", "brief"]
+__all__: List[str] = ["build_sets", "verify", "make_eval_fn", "identification_accuracy", "brief"]

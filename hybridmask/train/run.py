@@ -9,13 +9,14 @@ Output folder ``<run.out_dir>/<run.name>/``::
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import numpy as np
 import torch
@@ -68,132 +69,138 @@ def make_scheduler(optimizer, cfg: Dict[str, Any], total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def build_policy(pcfg: Dict[str, Any], seed: int):
-    from ..policy import FixedKPolicy, StrategyNet, UniformPolicy
-    name = str(pcfg.get("name") or "none").lower()
-    ks = list(pcfg.get("k_values") or (2, 3, 4, 5, 6))
+def build_policy(policy_cfg: Dict[str, Any], seed: int):
+    """The policy a config's ``policy:`` section names (``hybridmask.policy.create_policy``), or None for
+    ``name: none``. The section's keys that the policy's constructor takes are passed to it (the others
+    configure REINFORCE)."""
+    from ..policy import POLICIES, create_policy
+    name = str(policy_cfg.get("name") or "none").lower()
     if name in ("none", "null"):
         return None
-    if name == "adaptive":
-        return StrategyNet(k_values=ks, hidden=int(pcfg.get("hidden") or 64), seed=seed)
-    if name == "uniform":
-        return UniformPolicy(ks, seed=seed)
-    if name == "fixed":
-        return FixedKPolicy(int(pcfg["k"]), seed=seed)
-    raise ValueError(f"unknown policy.name {name!r}; use adaptive, uniform, fixed or none")
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy.name {name!r}; use {', '.join(sorted(POLICIES.names()))} or none")
+    takes = inspect.signature(POLICIES.get(name)).parameters
+    args = {k: policy_cfg[k] for k in takes if k != "seed" and policy_cfg.get(k) is not None}
+    if "k_values" in args:
+        args["k_values"] = [int(k) for k in args["k_values"]]
+    return create_policy(name, seed=seed, **args)
 
 
-def build_defense(dcfg: Dict[str, Any], policy, mask_seed):
-    from ..defenses import AdaptiveMask, create_defense
-    name = str(dcfg.get("name") or "none").lower()
-    args = dict(dcfg.get("args") or {})
-    if "seed" in args:
-        raise ValueError("set the masking seed with run.mask_seed, not defense.args.seed")
-    if name == "adaptive":
-        if policy is not None:
-            args.pop("k_values", None)
-            return AdaptiveMask(policy=policy, k_values=policy.k_values, seed=mask_seed, **args)
-        return AdaptiveMask(seed=mask_seed, **args)
+def _fresh_defense(config: Dict[str, Any], seed, **objects):
+    """The untrained defense a config's ``defense:`` section describes, for training (``build_defense``
+    refuses to build a trainable defense without its learned state, which is right everywhere but here).
+    ``objects``: live constructor arguments (the trainer's policy)."""
+    from ..defenses import create_defense, list_defenses
+    from ..defenses.io import split_config
+    name, args = split_config(config, "defense")
+    if name not in list_defenses():
+        raise ValueError(f"unknown defense.name {name!r}; available: {', '.join(list_defenses())}")
     try:
-        return create_defense(name, seed=mask_seed, **args)
+        return create_defense(name, seed=seed, **args, **objects)
     except TypeError as e:
-        raise ValueError(f"defense {name!r} does not take these defense.args {sorted(args)}: {e}") from e
+        raise ValueError(f"defense {name!r} does not take these arguments {sorted(args) + sorted(objects)}: {e}"
+                         + (" (only a mixing defense takes a policy: set policy.name=none)" if objects else "")) from None
 
 
-def run_training(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """Train what ``cfg`` (a loaded config, see :func:`hybridmask.train.config.load_config`)
-    describes; returns the results dict (also written to ``results.json``)."""
-    method = str(cfg.get("method") or "hybridmask").lower()
-    if method == "arl":
-        from ..defenses.arl import train_arl
-        return train_arl({k: v for k, v in cfg.items() if k != "_source_"})
-    if method != "hybridmask":
-        raise ValueError(f"unknown method {method!r}; use hybridmask or arl")
+def _run_hybridmask(cfg: Dict[str, Any]) -> Dict[str, Any]:
     from ..defenses.adaptive import save_policy
+    from ..defenses.io import defense_record
     from ..models import create_head, create_model, save_model
     from ..policy import LagrangianReward, Reinforce
+    from .callbacks import Checkpoint, Logging, ProgressBar, Utility, Verification
     from .card import write_policy_card
     from .data import holdout_split, load_training_set
     from .evaluation import brief, build_sets, make_eval_fn, verify
-    from .trainer import AlternatingTrainer, learnable_defense_parameters
+    from .trainer import AlternatingTrainer, DefenseOptim, PolicySetup, TrainOptions
 
     t_start = time.time()
-    rc, dc, mc, tc, pc, ec = (cfg[k] for k in ("run", "data", "model", "train", "policy", "eval"))
+    run_cfg, data_cfg, model_cfg, train_cfg, policy_cfg, eval_cfg = (
+        cfg[k] for k in ("run", "data", "model", "train", "policy", "eval"))
+    optim_cfg = cfg["optim"]
     D.init_distributed()
     rank, world, main = D.rank(), D.world_size(), D.is_main()
-    torch.set_num_threads(int(rc.get("threads") or 2))
-    device = _device(rc.get("device"))
-    progress = bool(rc.get("progress", True))
-    name = rc.get("name") or Path(cfg.get("_source_", "run")).stem
-    out_root = Path(os.path.expanduser(str(rc.get("out_dir") or "outputs")))
+    torch.set_num_threads(int(run_cfg.get("threads") or 2))
+    device = _device(run_cfg.get("device"))
+    progress = bool(run_cfg.get("progress", True))
+    name = run_cfg.get("name") or Path(cfg.get("_source_", "run")).stem
+    out_root = Path(os.path.expanduser(str(run_cfg.get("out_dir") or "outputs")))
     out = out_root / str(name)
-    seed = int(rc.get("seed") or 0)
+    seed = int(run_cfg.get("seed") or 0)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         with atomic_write(out / "config.yaml", "w") as f:
             f.write(dump_config(cfg))
 
     # --- data: decoded once (rank 0 fills the cache, the others read it)
-    faces = load_training_set(dc, cache_dir=out_root / "cache", progress=progress) if main else None
+    faces = load_training_set(data_cfg, cache_dir=out_root / "cache", progress=progress) if main else None
     D.barrier()
     if not main:
-        faces = load_training_set(dc, cache_dir=out_root / "cache", progress=False)
-    train_idx, held_idx = holdout_split(faces.labels.tolist(), int(dc.get("holdout_per_identity") or 0),
-                                        dc.get("holdout_identities"), seed)
+        faces = load_training_set(data_cfg, cache_dir=out_root / "cache", progress=False)
+    train_idx, held_idx = holdout_split(faces.labels.tolist(), int(data_cfg.get("holdout_per_identity") or 0),
+                                        data_cfg.get("holdout_identities"), seed)
     train_set = faces.subset(train_idx)
     utility = faces.tensors(held_idx) if held_idx else None
-    bs = int(dc["batch_size"])
-    bpe = len(train_set) // (bs * world)
-    if bpe == 0:
-        raise ValueError(f"{len(train_set)} training images are fewer than one batch of {bs} x {world} process(es)")
-    total = int(tc["steps"]) if tc.get("steps") is not None else int(tc["epochs"]) * bpe
+    batch_size = int(data_cfg["batch_size"])
+    per_epoch = len(train_set) // (batch_size * world)
+    if per_epoch == 0:
+        raise ValueError(f"{len(train_set)} training images are fewer than one batch of {batch_size} x {world} "
+                         f"process(es)")
+    total = int(train_cfg["steps"]) if train_cfg.get("steps") is not None else int(train_cfg["epochs"]) * per_epoch
 
     # --- objects (same seed on every rank: identical initial weights; DDP also broadcasts them)
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))
-    policy = build_policy(pc, seed=seed + 17)
-    mseed = rc.get("mask_seed")
-    mask_seed = None if mseed is None else int(mseed) + 7919 * rank   # every rank has its own secrets
-    defense = build_defense(cfg["defense"], policy, mask_seed)
-    size = int(faces.images.shape[-1])
-    mask = getattr(defense, "mask", None)
-    bdct = getattr(defense, "bdct", None)   # a frequency defense without a HybridMask (dctdp)
-    grid = defense.grid if size == 112 else (mask.grid(size) if mask is not None else
-                                             bdct.grid(size) if bdct is not None else size)
-    model = create_model(mc["name"], stem=defense.input_kind, in_chans=defense.in_channels, grid=grid,
-                         embedding_size=int(mc["embedding_size"]), dropout=float(mc.get("dropout") or 0.0),
-                         **dict(mc.get("args") or {}))
-    hc = cfg["head"]
-    head = create_head(hc["name"], int(mc["embedding_size"]), faces.num_classes, s=float(hc.get("s") or 64.0),
-                       m=hc.get("m"))
-    oc = cfg["optim"]
-    optimizer = make_optimizer(list(model.parameters()) + list(head.parameters()), oc)
-    scheduler = make_scheduler(optimizer, oc, total)
-    reinforce = reward = None
-    if policy is not None and policy.trainable:
-        reinforce = Reinforce(policy, lr=float(pc["lr"]), baseline=pc["baseline"], ema=float(pc["ema"]),
-                              entropy_coef=float(pc["entropy_coef"]), grad_clip=pc.get("grad_clip"))
-        rw = dict(cfg["reward"])
-        reward = LagrangianReward(policy.k_values, **rw)
-    # a defense with learnable parameters (DCTDP's noise budget) trains with its own Adam on the same LR schedule
+    policy = build_policy(policy_cfg, seed=seed + 17)
+    mask_seed_cfg = run_cfg.get("mask_seed")
+    mask_seed = None if mask_seed_cfg is None else int(mask_seed_cfg) + 7919 * rank   # every rank its own secrets
+    if "seed" in ((cfg["defense"] or {}).get("args") or {}):
+        raise ValueError("set the masking seed with run.mask_seed, not defense.args.seed")
+    objects = {"policy": policy} if policy is not None else {}   # the defense mixes with the trainer's policy
+    defense = _fresh_defense(cfg["defense"], mask_seed, **objects)
+    grid = defense.grid_for(int(faces.images.shape[-1]))
+    model = create_model(model_cfg["name"], stem=defense.input_kind, in_chans=defense.in_channels, grid=grid,
+                         embedding_size=int(model_cfg["embedding_size"]),
+                         dropout=float(model_cfg.get("dropout") or 0.0), **dict(model_cfg.get("args") or {}))
+    head_cfg = cfg["head"]
+    head = create_head(head_cfg["name"], int(model_cfg["embedding_size"]), faces.num_classes,
+                       s=float(head_cfg.get("s") or 64.0), m=head_cfg.get("m"))
+    optimizer = make_optimizer(list(model.parameters()) + list(head.parameters()), optim_cfg)
+    scheduler = make_scheduler(optimizer, optim_cfg, total)
+    policy_setup = None
+    if policy is not None:
+        reinforce = reward = None
+        if policy.trainable:
+            reinforce = Reinforce(policy, lr=float(policy_cfg["lr"]), baseline=policy_cfg["baseline"],
+                                  ema=float(policy_cfg["ema"]), entropy_coef=float(policy_cfg["entropy_coef"]),
+                                  grad_clip=policy_cfg.get("grad_clip"))
+            reward = LagrangianReward(policy.k_values, **dict(cfg["reward"]))
+        policy_setup = PolicySetup(policy, reinforce, reward, n_fr=int(train_cfg["n_fr"]),
+                                   n_pi=int(train_cfg["n_pi"]), calibrate=bool(policy_cfg.get("calibrate", True)))
+    # a trainable defense (DCTDP's noise budget) trains with its own Adam on the same LR schedule
     # (optim.defense_lr); train.privacy_weight weighs its privacy_loss()
-    learned = learnable_defense_parameters(defense, policy)
-    defense_optim = torch.optim.Adam(learned, lr=float(oc.get("defense_lr", 0.01))) if learned else None
-    defense_sched = make_scheduler(defense_optim, oc, total) if learned else None
-    sets = build_sets(ec, dc.get("synthetic")) if main and (ec.get("every") or ec.get("final", True)) else {}
-    eval_fn = make_eval_fn(sets, ec.get("pairs"), int(ec.get("batch_size") or 128)) if ec.get("every") else None
-
-    trainer = AlternatingTrainer(
-        model, head, optimizer, train_set, defense, policy=policy, policy_optim=reinforce, reward=reward,
-        n_fr=int(tc["n_fr"]), n_pi=int(tc["n_pi"]), scheduler=scheduler, eval_fn=eval_fn,
-        utility_data=utility, utility_every=int(tc["utility_every"]), eval_every=int(ec.get("every") or 0),
-        log_dir=out / "tb", ckpt_dir=out / "ckpt", ckpt_every=int(tc["ckpt_every"]), device=device, seed=seed,
-        batch_size=bs, num_workers=int(dc.get("num_workers") or 0), log_every=int(tc["log_every"]),
-        grad_clip=oc.get("grad_clip"), hflip=bool(dc.get("hflip")), progress=progress,
-        calibrate_policy=bool(pc.get("calibrate", True)), total_steps=total, defense_optim=defense_optim,
-        defense_scheduler=defense_sched, privacy_weight=float(tc.get("privacy_weight", 1.0)))
-    resume = rc.get("resume")
+    defense_optim = None
+    learned = list(defense.trainable_parameters()) if defense.trainable else []
+    if learned:
+        opt = torch.optim.Adam(learned, lr=float(optim_cfg.get("defense_lr", 0.01)))
+        defense_optim = DefenseOptim(opt, make_scheduler(opt, optim_cfg, total),
+                                     privacy_weight=float(train_cfg.get("privacy_weight", 1.0)))
+    sets = (build_sets(eval_cfg, data_cfg.get("synthetic"))
+            if main and (eval_cfg.get("every") or eval_cfg.get("final", True)) else {})
+    callbacks = [Utility(utility, every=int(train_cfg["utility_every"])),
+                 Logging(out / "tb", every=int(train_cfg["log_every"])),
+                 Checkpoint(out / "ckpt", every=int(train_cfg["ckpt_every"]))]
+    if eval_cfg.get("every"):
+        callbacks.append(Verification(make_eval_fn(sets, eval_cfg.get("pairs"), int(eval_cfg.get("batch_size") or 128)),
+                                      every=int(eval_cfg["every"])))
+    if progress:
+        callbacks.append(ProgressBar())
+    options = TrainOptions(seed=seed, batch_size=batch_size, num_workers=int(data_cfg.get("num_workers") or 0),
+                           device=device, hflip=bool(data_cfg.get("hflip")), grad_clip=optim_cfg.get("grad_clip"),
+                           total_steps=total)
+    trainer = AlternatingTrainer(model, head, optimizer, train_set, defense, scheduler=scheduler, policy=policy_setup,
+                                 defense_optim=defense_optim, callbacks=callbacks, options=options)
+    resume = run_cfg.get("resume")
     ckpt = None
     if resume == "auto":
         ckpt = out / "ckpt" / "last.pt" if (out / "ckpt" / "last.pt").is_file() else None
@@ -208,52 +215,49 @@ def run_training(cfg: Dict[str, Any]) -> Dict[str, Any]:
     if main and progress:
         print(f"run {name}: {len(train_set)} training images of {faces.num_classes} identities "
               f"({len(held_idx)} held out for U), defense {defense.name} -> {defense.input_kind} "
-              f"{defense.in_channels}x{grid}x{grid}, model {mc['name']}, "
-              f"policy {pc.get('name')}, {total} steps x {bs} x {world} process(es)")
+              f"{defense.in_channels}x{grid}x{grid}, model {model_cfg['name']}, "
+              f"policy {policy_cfg.get('name')}, {total} steps x {batch_size} x {world} process(es)")
     t_fit = time.time()
     summary = trainer.fit(steps=total)
     fit_seconds = time.time() - t_fit
 
     results: Dict[str, Any] = {}
     if main:
-        masking = getattr(getattr(defense, "mask", None), "config", None)
-        extra = {"defense": _plain(defense.config), "run": str(name), "steps": trainer.global_step}
-        if learned:   # the trained budgets: create_defense("dctdp", state_path="<run>/model.pt") rebuilds them
-            extra["defense_state"] = {k: v.detach().cpu() for k, v in defense.state_dict().items()}
-        save_model(out / "model.pt", model, head, masking=masking, extra=extra)
+        save_model(out / "model.pt", model, head,
+                   extra={**defense_record(defense), "run": str(name), "steps": trainer.global_step})
         verification = {}
-        if ec.get("final", True):
-            for tname, vs in sets.items():
-                m = verify(model, defense.query, vs, pairs=ec.get("final_pairs"),
-                           batch_size=int(ec.get("batch_size") or 128), progress=progress)
-                verification[tname] = brief(m)
+        if eval_cfg.get("final", True):
+            for target, vs in sets.items():
+                m = verify(model, defense.query, vs, pairs=eval_cfg.get("final_pairs"),
+                           batch_size=int(eval_cfg.get("batch_size") or 128), progress=progress)
+                verification[target] = brief(m)
                 if progress:
-                    print(f"verification {tname}: {100 * m['accuracy']:.2f} +- {100 * m['accuracy_std']:.2f} % "
+                    print(f"verification {target}: {100 * m['accuracy']:.2f} +- {100 * m['accuracy_std']:.2f} % "
                           f"({m['pairs']} pairs, AUC {m.get('auc') or float('nan'):.4f})")
         paths = {"dir": str(out), "model": str(out / "model.pt"), "checkpoint": str(out / "ckpt" / "last.pt"),
                  "tensorboard": str(out / "tb")}
         results = {
             "run": str(name), "method": "hybridmask", "config": _plain({k: v for k, v in cfg.items() if k != "_source_"}),
-            "defense": _plain(defense.config), "model": _plain(model.config), "policy": pc.get("name"),
+            "defense": _plain(defense.config), "model": _plain(model.config), "policy": policy_cfg.get("name"),
             "world_size": world, "device": str(device), "train": _plain(summary),
-            "images_seen": trainer.global_step * bs * world, "train_images": len(train_set),
+            "images_seen": trainer.global_step * batch_size * world, "train_images": len(train_set),
             "identities": faces.num_classes, "heldout_images": len(held_idx),
             "verification": verification, "epochs": _plain(trainer.epochs), "history": _plain(trainer.history),
             "fit_seconds": fit_seconds, "wall_seconds": time.time() - t_start,
-            "images_per_second": trainer.global_step * bs * world / max(fit_seconds, 1e-9),
+            "images_per_second": trainer.global_step * batch_size * world / max(fit_seconds, 1e-9),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "mask_seed": "secure (OS)" if mseed is None else int(mseed), "paths": paths,
+            "mask_seed": "secure (OS)" if mask_seed_cfg is None else int(mask_seed_cfg), "paths": paths,
         }
-        if learned and callable(getattr(defense, "train_stats", None)):
+        if learned:
             results["defense_stats"] = _plain(defense.train_stats())
         if policy is not None and policy.trainable:
             context = {"running_loss": float(trainer.running_loss or 0.0), "progress": 1.0}
-            save_policy(out / "policy.pt", policy, masking=masking, context=context,
+            save_policy(out / "policy.pt", policy, masking=_plain(defense.config), context=context,
                         extra={"run": str(name), "k_hist": _plain(summary["k_hist"]), "utility": summary["utility"],
                                "mu": summary["mu"], "verification": {k: v.get("accuracy") for k, v in verification.items()}})
             paths["policy"] = str(out / "policy.pt")
             paths["policy_card"] = str(out / "policy.md")
-            write_policy_card(out / "policy.md", results, policy, reward)
+            write_policy_card(out / "policy.md", results, policy, policy_setup.reward)
         with atomic_write(out / "results.json", "w") as f:
             json.dump(results, f, indent=2, default=str)
         if progress:
@@ -261,6 +265,28 @@ def run_training(cfg: Dict[str, Any]) -> Dict[str, Any]:
     trainer.close()
     D.barrier()
     return results
+
+
+def _run_arl(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    try:
+        from .arl import train_arl
+    except ImportError:   # before ARL's trainer moved into hybridmask.train
+        from ..defenses.arl import train_arl
+    return train_arl({k: v for k, v in cfg.items() if k != "_source_"})
+
+
+#: the training methods a config's ``method:`` names
+TRAINERS = {"hybridmask": _run_hybridmask, "arl": _run_arl}
+
+
+def run_training(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """Train what ``cfg`` (a loaded config, see :func:`hybridmask.train.config.load_config`)
+    describes with the method it names (``TRAINERS``); returns the results dict (also written to
+    ``results.json``)."""
+    method = str(cfg.get("method") or "hybridmask").lower()
+    if method not in TRAINERS:
+        raise ValueError(f"unknown method {method!r}; use {' or '.join(TRAINERS)}")
+    return TRAINERS[method](cfg)
 
 
 def _plain(obj):
