@@ -4,7 +4,7 @@
     python scripts/benchmark.py --budget small --dry-run     # which runs are reused / trained, the estimate
     python scripts/benchmark.py --budget small               # docs/results.md, docs/results/
 
-See ``hybridmask/benchmark.py`` and ``configs/benchmark.yaml``.
+See ``hybridmask/benchmark/`` (the package) and ``configs/benchmark.yaml``.
 """
 from __future__ import annotations
 

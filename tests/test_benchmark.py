@@ -41,10 +41,15 @@ def test_fingerprint_ignores_volatile_keys_and_changes_with_the_config(tmp_path)
     assert other.hash != base.hash
     assert "train.steps: 3 -> 5" in B.config_diff(other.fp, base.fp)
     assert B.resolve_entry(_spec("ppfrfd"), b, 1, None, []).hash != base.hash   # the seed is part of the config
-    # the budget's overrides reach the training config, by input kind
-    assert base.config["model"]["name"] == "tiny_test" and base.kind == "freq"
+    # the budget's overrides reach the training config, by training method and input kind (a capability)
+    assert base.config["model"]["name"] == "tiny_test" and base.input_kind == "freq"
     arl = B.resolve_entry(_spec("arl"), b, 0, None, [])
     assert arl.method == "arl" and arl.config["model"]["width"] == 4 and arl.config["eval"]["enabled"] is False
+    assert arl.input_kind == "feature" and arl.config["seed"] == 0
+    # --override: ungrouped only where the config has the key's section; GROUP: only for that method / input kind
+    assert "run.mask_seed=1" not in B.resolve_entry(_spec("arl"), b, 0, None, ["run.mask_seed=1"]).overrides
+    assert B.resolve_entry(_spec("arl"), b, 0, None, ["feature:threads=1"]).config["threads"] == 1
+    assert "threads=1" not in B.resolve_entry(_spec("ppfrfd"), b, 0, None, ["feature:threads=1"]).overrides
 
 
 def _write_run(folder: Path, cfg, finished: bool, age: float = 0.0):
@@ -71,7 +76,7 @@ def test_place_run_reuses_same_config_and_never_writes_into_another(tmp_path):
     e = B.resolve_entry(_spec("fixed_k2"), b, 0, None, [])
     B.place_run(e, busy_seconds=300)
     assert e.status == "train" and e.run_dir == tmp_path / f"{name}-{e.hash[:8]}"
-    assert "holds another config" in e.note and "train.steps: 7 -> 3" in e.note
+    assert "holds another config" in e.detail and "train.steps: 7 -> 3" in e.detail
     assert e.config["run"]["name"] == f"{name}-{e.hash[:8]}" and e.config["run"]["out_dir"] == str(tmp_path)
 
     same = dict(e.config, run=dict(e.config["run"], progress=False))       # differs only in volatile keys
@@ -102,8 +107,19 @@ def test_load_benchmark_names_bad_input(tmp_path):
         B.load_benchmark(write(dict(good, defences=[])), "small")
     with pytest.raises(ValueError, match="no budgets.small"):
         B.load_benchmark(write(dict(good, budgets={"tiny": good["budgets"]["tiny"]})), "small")
-    with pytest.raises(ValueError, match="unknown attack.*gmi"):
-        B.load_benchmark(write(dict(good, attacks=dict(good["attacks"], run=["cgan_whitebox", "gmi"]))), "small")
+    runs = good["attacks"]["run"]
+    with pytest.raises(ValueError, match="unknown attack 'gmii'.*registered: .*gmi"):
+        B.load_benchmark(write(dict(good, attacks=dict(good["attacks"], run=dict(runs, x={"attack": "gmii"})))), "small")
+    with pytest.raises(ValueError, match="'gmi' is a class_inversion attack"):
+        B.load_benchmark(write(dict(good, attacks=dict(good["attacks"], run=dict(runs, x={"attack": "gmi"})))), "small")
+    with pytest.raises(ValueError, match="unknown key.*'epoch'.*cgan_whitebox"):
+        bad = dict(runs, cgan_whitebox=dict(runs["cgan_whitebox"], epoch=3))
+        B.load_benchmark(write(dict(good, attacks=dict(good["attacks"], run=bad))), "small")
+    with pytest.raises(ValueError, match="headline"):
+        B.load_benchmark(write(dict(good, attacks=dict(good["attacks"], headline="gmi"))), "small")
+    with pytest.raises(ValueError, match="comparison"):
+        checks = [dict(good["targets"]["checks"][0], comparison="~")]
+        B.load_benchmark(write(dict(good, targets=dict(good["targets"], checks=checks))), "small")
     with pytest.raises(ValueError, match="appears twice"):
         B.load_benchmark(write(dict(good, defenses=good["defenses"] + good["defenses"][:1])), "small")
     with pytest.raises(ValueError, match="--only: unknown defense"):
@@ -126,7 +142,8 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
                   "adaptive hybrid masking"):
         assert label in text
     assert text.count("[train ]") == 9                       # an empty runs folder: everything is trained
-    assert "demix: n/a" in text and "estimate" in text and "total" in text
+    assert "demix: n/a (needs stochastic=True" in text and "estimate" in text and "total" in text
+    assert text.count("demix: n/a") == 2                     # the deterministic releases: unprotected, ARL
     assert not out.exists()                                  # a dry run writes nothing
 
 
@@ -136,14 +153,22 @@ def _row(label, role, lfw, rank1, ssim, spp):
 
 
 def test_target_checks_report_met_and_not_met():
+    targets = B.load_benchmark(BENCH, "tiny")["targets"]          # the checks come from the config
     rows = [_row("unprotected", "unprotected", 0.90, 0.9, 0.8, 0.2), _row("PPFR-FD", "ppfrfd", 0.85, 0.1, 0.3, 0.8),
             _row("k=4", "fixed_k", 0.89, 0.05, 0.3, 0.85), _row("adaptive", "adaptive", 0.885, 0.03, 0.35, 0.84)]
-    text = "\n".join(B.target_checks(rows))
-    assert "gap +1.50 points) - **met**" in text
-    assert "under 5 % of cases: 3.0 % - **met**" in text and "below 0.4: 0.350 - **met**" in text
-    assert "than PPFR-FD at equal or better accuracy: Score_pp 0.840 vs 0.800, LFW 88.50 % vs 85.00 % - **met**" in text
-    assert "than k=4 at equal or better accuracy: Score_pp 0.840 vs 0.850, LFW 88.50 % vs 89.00 % - **not met**" in text
-    assert B.target_checks([rows[0]]) == ["No defense has role `adaptive`: no target checks."]
+    lines = B.target_checks(rows, targets, "cgan_whitebox")
+    text = "\n".join(lines)
+    assert len(lines) == 5
+    assert ("LFW accuracy: LFW accuracy 88.50 % >= unprotected 90.00 % - 2.00 points - **met**" in text)   # gap 1.5
+    assert "under 5 % of cases: cgan_whitebox rank1 3.0 % < 5.0 % - **met**" in text
+    assert "below 0.4: cgan_whitebox ssim 0.350 < 0.400 - **met**" in text
+    assert ("than PPFR-FD at equal or better accuracy: cgan_whitebox score_pp 0.840 > PPFR-FD 0.800; "
+            "LFW accuracy 88.50 % >= PPFR-FD 85.00 % - **met**") in text
+    assert ("than k=4 at equal or better accuracy: cgan_whitebox score_pp 0.840 > k=4 0.850; "
+            "LFW accuracy 88.50 % >= k=4 89.00 % - **not met**") in text
+    far = [dict(rows[0], verification={"lfw": {"accuracy": 0.91}}), rows[3]]             # gap 2.5 points
+    assert "- **not met**" in B.target_checks(far, targets, "cgan_whitebox")[0]
+    assert B.target_checks([rows[0]], targets, "cgan_whitebox") == ["No defense has role `adaptive`: no target checks."]
 
 
 # ---- the whole pipeline on real faces (tiny budget) --------------------------------------------------------------
@@ -196,10 +221,14 @@ def test_tiny_benchmark_writes_report_json_and_pngs(tiny_bench):
             assert -1.0 <= a["ssim"]["mean"] <= 1.0 and 0.0 <= a["rank1"] <= a["rank5"] <= 1.0
             assert 0.0 <= a["score_pp"] <= 2.0
         assert ("demix" in att) == (r["key"] not in ("unprotected", "arl"))   # deterministic releases: no demix
+        assert ("demix" in r["attacks"]["skipped"]) == (not r["attacks"]["victim_defense"]["capabilities"]["stochastic"])
         assert Image.open(r["grid"]).size[1] > 112 * (2 + len(att))           # original, masked view, one row per attack
         assert r["config"]["run"]["seed"] == 0 if r["method"] == "hybridmask" else r["config"]["seed"] == 0
-    assert rows["dctdp"]["attacks"]["defense_args"]["state_path"].endswith("model.pt")      # the trained budgets
-    assert rows["adaptive"]["attacks"]["defense_args"]["policy_path"].endswith("policy.pt")  # the trained policy
+    for key in ("dctdp", "adaptive", "arl"):            # rebuilt by load_defense(run folder) with the trained state
+        vd = rows[key]["attacks"]["victim_defense"]
+        assert Path(vd["file"]).parent == Path(rows[key]["run_dir"]) and vd["state"]
+    assert "rho" in rows["dctdp"]["attacks"]["victim_defense"]["state"]                        # the trained budgets
+    assert "policy_state" in rows["adaptive"]["attacks"]["victim_defense"]["state"]            # the trained policy
     assert rows["unprotected"]["mask_seed"] == 1 and p["attack_settings"]["defense_seed"] == 3
     assert Image.open(out / "results" / "privacy_utility.png").size[0] > 600
     assert "## Targets (issue 7)" in md and "## Appendix: runs, configs and seeds" in md
@@ -235,7 +264,6 @@ def test_waits_for_a_run_another_process_finishes(tmp_path):
     bm = B.Benchmark(B.load_benchmark(BENCH, "tiny"), args)
     e = bm.entries[0]
     assert e.status == "wait" and e.run_dir == folder
-    bm.poll_seconds = 0.05
 
     def finish():
         time.sleep(0.3)
@@ -243,6 +271,6 @@ def test_waits_for_a_run_another_process_finishes(tmp_path):
         (folder / "results.json").write_text(json.dumps({"config": spec_cfg, "paths": {}}))
     t = threading.Thread(target=finish)
     t.start()
-    bm._wait(e)
+    B.wait_for(e, busy_seconds=300, poll_seconds=0.05, log=print)
     t.join()
     assert e.status == "reuse"                                   # its results are used, nothing retrained

@@ -1,0 +1,56 @@
+"""``hybridmask benchmark`` options and entry point."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+import torch
+
+from .config import BUDGETS, load_benchmark
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="configs/benchmark.yaml", help="benchmark config (defenses, attacks, budgets)")
+    p.add_argument("--budget", default="small", choices=BUDGETS,
+                   help="tiny: smoke run; small: CPU (the committed configs); full: GPU (IResNet-50, u=8)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (reuse / train, attacks, estimate) and exit")
+    p.add_argument("--seed", type=int, default=None, help="benchmark seed (default: the config's)")
+    p.add_argument("--data", default=None, help="folder holding lfw_112/, cfp_112/, celeba_112/ (overrides the "
+                                                "training configs' data paths: their runs are then new runs)")
+    p.add_argument("--only", default=None, help="comma-separated defense keys to run (default: all)")
+    p.add_argument("--override", action="append", default=[], metavar="[GROUP:]KEY=VALUE",
+                   help="dotted training-config override (repeatable), e.g. run.device=cpu: for every config that "
+                        "has the key's section, or only for GROUP (a training method or an input kind)")
+    p.add_argument("--out-dir", default=None,
+                   help="put runs, caches and the report under this folder instead of the budget's paths")
+    p.add_argument("--defense-seed", type=int, default=None,
+                   help="seed of the victims' masking secrets in the attacks (default: secure OS seed)")
+    p.add_argument("--rerun-attacks", action="store_true", help="ignore cached attack results")
+    p.add_argument("--busy-seconds", type=float, default=300.0,
+                   help="an unfinished run folder written within this many seconds is another process's: wait")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for verification and attacks")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (stage lines still print)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .runner import Benchmark
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.busy_seconds < 0:
+        raise ValueError(f"--busy-seconds must be >= 0, got {args.busy_seconds}")
+    bm = Benchmark(load_benchmark(args.config, args.budget), args)
+    if args.dry_run:
+        bm.print_plan()
+        return 0
+    torch.set_num_threads(args.threads)
+    bm.run()
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from ..cli import main as cli_main
+    return cli_main(["benchmark"] + list(sys.argv[1:] if argv is None else argv))
+
+
+__all__ = ["add_arguments", "run", "main"]
