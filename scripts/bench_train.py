@@ -9,8 +9,8 @@ in 2..6):
                 mixed-label margin loss -> SGD step. Nothing else.
 * alternating:  ``AlternatingTrainer`` with the strategy network choosing k from the context,
                 ``n_pi`` REINFORCE steps after every ``n_fr`` recognizer steps (re-using the batch),
-                the utility U measured every ``utility_every`` steps on a held-out set, and its
-                bookkeeping (k histogram, running loss; TensorBoard off).
+                the utility U measured every ``utility_every`` steps on a held-out set (the ``Utility``
+                callback), and its bookkeeping (k histogram, running loss; no logging or checkpoint callbacks).
 
 Timed rounds alternate between the two in ABBA order (so a change in machine load hits both), each round a
 whole number of alternation cycles and utility periods; images/s is counted over the recognizer
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     from hybridmask.defenses import AdaptiveMask
     from hybridmask.models import MixedMarginLoss, create_head, create_model
     from hybridmask.policy import LagrangianReward, Reinforce, StrategyNet
-    from hybridmask.train import AlternatingTrainer
+    from hybridmask.train import AlternatingTrainer, PolicySetup, TrainOptions, Utility
 
     x, y = load_faces(args.data, args.images + args.utility_images)
     xu, yu = x[args.images:], y[args.images:]
@@ -98,13 +98,12 @@ def main(argv=None) -> int:
 
     policy = StrategyNet()
     am, ah = models["alternating"]
+    setup = PolicySetup(policy, Reinforce(policy), LagrangianReward(policy.k_values, utility_target=0.5),
+                        n_fr=args.n_fr, n_pi=args.n_pi)
     trainer = AlternatingTrainer(am, ah, opts["alternating"], torch.utils.data.TensorDataset(x, y),
-                                 AdaptiveMask(policy=policy), policy=policy, policy_optim=Reinforce(policy),
-                                 reward=LagrangianReward(policy.k_values, utility_target=0.5),
-                                 n_fr=args.n_fr, n_pi=args.n_pi, utility_data=(xu, yu),
-                                 utility_every=args.utility_every, log_every=0, batch_size=args.batch,
-                                 progress=False, total_steps=10 ** 6)
-    batches = trainer.batches()
+                                 AdaptiveMask(policy=policy), policy=setup,
+                                 callbacks=[Utility((xu, yu), every=args.utility_every)],
+                                 options=TrainOptions(batch_size=args.batch, total_steps=10 ** 6))
 
     plain_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=args.batch,
                                                shuffle=True, drop_last=True)
@@ -118,9 +117,8 @@ def main(argv=None) -> int:
         for _ in range(n):
             plain_step(*next(plain_it))
 
-    def alt_round(n):
-        for _ in range(n):
-            trainer.step(next(batches))
+    def alt_round(n):   # the trainer's own loop: recognizer + policy steps and the Utility callback
+        trainer.fit(steps=trainer.global_step + n)
 
     rates = {"plain": [], "alternating": []}
     plain_round(2)

@@ -35,6 +35,10 @@ def format_accuracy(results: Dict[str, Any], target: str, missing: str = "n/a") 
     return missing if not v else f"{100 * v['accuracy']:.2f} +- {100 * v['accuracy_std']:.2f}"
 
 
+#: defense config entries that describe the policy, not the masking (the policy has its own section)
+_NOT_MASKING = ("policy_path", "policy_config")
+
+
 def _pct(v: Optional[float]) -> str:
     return "n/a" if v is None else f"{100 * float(v):.1f} %"
 
@@ -53,7 +57,7 @@ def policy_card(results: Dict[str, Any], policy, reward=None, file_note: Optiona
     ver_rows = "\n".join(f"| {name} | {_pct(m.get('accuracy'))} +- {_pct(m.get('accuracy_std'))} | {m.get('pairs')} |"
                          for name, m in ver.items()) or "| (none) | | |"
     masking = ", ".join(f"{k}={v}" for k, v in (results.get("defense") or {}).items()
-                        if k not in ("policy_path",))
+                        if k not in _NOT_MASKING)
     name = results.get("run", "run")
     k_values = list(getattr(policy, "k_values", []))
     if file_note is None:
@@ -74,7 +78,8 @@ hybrid masking mixes (Wang et al. 2024, arXiv 2403.10558). It was trained with R
 `R = P(FR loss) - mu * c(k)` with the utility constraint U >= {rw.get('utility_target')} (U = held-out identification
 accuracy of k=1 masked queries; mu by dual ascent, cost `{rw.get('cost')}`).
 
-Load it with `hybridmask.defenses.create_defense("adaptive", policy_path=...)` (or `load_policy`).
+Load it with `hybridmask.defenses.load_defense("<this file>")` (the adaptive defense driven by it), or
+`create_defense("adaptive", policy_path=...)` / `load_policy`.
 
 ## Training
 | item | value |
@@ -127,7 +132,7 @@ def recognizer_card(results: Dict[str, Any], checkpoint_sha256: str, checkpoint_
     stem = model.get("stem")
     inp = (f"pixel 3x112x112" if stem == "pixel"
            else f"freq {model.get('in_chans')} x {model.get('grid')} x {model.get('grid')}")
-    masking = ", ".join(f"{k}={v}" for k, v in defense.items() if k != "policy_path") or "none"
+    masking = ", ".join(f"{k}={v}" for k, v in defense.items() if k not in _NOT_MASKING) or "none"
     m = head.get("m")
     head_txt = f"{head.get('name')} s={head.get('s')} m={m if m is not None else 'default'}"
     policy = results.get("policy")
