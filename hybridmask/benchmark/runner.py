@@ -77,8 +77,19 @@ class Benchmark:
         return (self.attack_cache(e) / "results.json").is_file() and not self.args.rerun_attacks
 
     # -- plan ----------------------------------------------------------------------------------------
+    def verified(self, e: Entry) -> bool:
+        """Whether ``e``'s verification is known without the benchmark computing it: a reused run that
+        reports it (or whose benchmark verification is cached), or a run to train whose config verifies
+        at the end (``eval.final`` on ``eval.targets``)."""
+        targets = list(self.b["verify"].get("targets") or ["lfw", "cfp_fp"])
+        if e.status == "reuse":
+            e.results = e.results or _read_json(e.run_dir / "results.json")
+            return pipeline.reported_verification(e, targets) is not None or \
+                pipeline.verification_cache(e, self.work_dir, self.b["verify"], self.data_root).is_file()
+        ev = e.config.get("eval") if isinstance(e.config.get("eval"), dict) else {}
+        return bool(ev.get("final", True)) and set(targets) <= set(ev.get("targets") or [])
+
     def print_plan(self) -> None:
-        from .pipeline import verification_cache
         est = self.b.get("estimate")
         speeds = measured_speeds(self.runs_dir)
         print(f"hybridmask benchmark - budget {self.b['budget']}, seed {self.seed}, config {self.b['path']}")
@@ -115,11 +126,7 @@ class Benchmark:
             extra = "; ".join(f"{a}: n/a ({why})" for a, why in skipped.items())
             print(f"  {e.label:<{w}}  {', '.join(labels)}{' - ' + extra if extra else ''}"
                   f"{'  (cached)' if self.cached(e) else (f'  ~{fmt_minutes(s)}' if est else '')}")
-            reported = e.status == "reuse" and pipeline.reported_verification(
-                _load_results(e), list(self.b["verify"].get("targets") or ["lfw", "cfp_fp"])) is not None
-            if not reported and not (e.status == "reuse" and verification_cache(
-                    e, self.work_dir, self.b["verify"], self.data_root).is_file()) and not _verifies_itself(e):
-                n_verify += 1
+            n_verify += not self.verified(e)
         if est:
             setup = float(est.get("setup_seconds") or 0) if need_setup else 0.0
             ver = float(est.get("verify_seconds") or 0) * n_verify
@@ -243,18 +250,6 @@ def training_seconds(results: Dict[str, Any]) -> Optional[float]:
     """The training loop's seconds as a run reports them (``fit_seconds``; ``train_time_s`` in ARL
     results written before ARL moved to :mod:`hybridmask.train`)."""
     return results.get("fit_seconds", results.get("train_time_s"))
-
-
-def _verifies_itself(e: Entry) -> bool:
-    ev = e.config.get("eval") if isinstance(e.config.get("eval"), dict) else {}
-    return bool(ev.get("final", True)) and bool(ev.get("targets"))
-
-
-def _load_results(e: Entry) -> Entry:
-    if e.results is None:
-        data = _read_json(e.run_dir / "results.json")
-        e.results = data if isinstance(data, dict) else None
-    return e
 
 
 def _read_json(path: Path) -> Any:
