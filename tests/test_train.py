@@ -219,6 +219,66 @@ def test_bn_warmup_keeps_eval_mode_statistics_right_after_a_short_run(tmp_path):
     assert ratios[False] > 3 * ratios[True]    # plain EMA still remembers running_var = 1
 
 
+def test_callbacks_run_in_order_around_each_step(tmp_path):
+    """fit() = step -> on_step_end (Utility's U reaches later callbacks in ``out``) -> epoch end -> on_batch_end
+    (a resume point: the batch position has moved on), with start / end / teardown around the loop."""
+    from hybridmask.train import Callback
+
+    class Recorder(Callback):
+        order = 70
+
+        def __init__(self):
+            self.events = []
+
+        def on_train_start(self, trainer):
+            self.events.append("start")
+
+        def on_step_end(self, trainer, out):
+            self.events.append(("step", trainer.global_step, "utility" in out, sorted(out["k"].tolist()) != []))
+
+        def on_epoch_end(self, trainer, summary):
+            self.events.append(("epoch", summary["epoch"], trainer.batch_in_epoch))
+
+        def on_batch_end(self, trainer):
+            self.events.append(("batch", trainer.epoch, trainer.batch_in_epoch))
+
+        def on_train_end(self, trainer):
+            self.events.append("end")
+
+        def teardown(self, trainer):
+            self.events.append("teardown")
+
+    tr = make_trainer(tmp_path, log=False)
+    rec = Recorder()
+    tr.callbacks = sorted(tr.callbacks + [rec], key=lambda cb: cb.order)
+    tr.fit(steps=5)   # 4 batches per epoch
+    ev = rec.events
+    assert ev[0] == "start" and ev[-2:] == ["end", "teardown"]
+    assert ev[1:3] == [("step", 1, False, True), ("batch", 0, 1)]
+    assert ("step", 2, True, True) in ev                      # Utility (order 10) ran first and put U in out
+    i = ev.index(("step", 4, True, True))
+    assert ev[i + 1:i + 3] == [("epoch", 0, 4), ("batch", 1, 0)]
+    assert len(tr.epochs) == 1 and tr.epochs[0]["utility"] == pytest.approx(tr.history[1]["utility"])
+
+
+def test_run_builds_policies_from_the_registry_and_dispatches_methods():
+    from hybridmask.policy import UniformPolicy
+    from hybridmask.train.run import TRAINERS, build_policy, run_training
+    section = {"name": "fixed", "k": 3, "k_values": [2, 3], "hidden": 8, "lr": 0.1, "baseline": "ema"}
+    pol = build_policy(section, seed=0)
+    assert isinstance(pol, FixedKPolicy) and pol.k == 3
+    pol = build_policy({**section, "name": "uniform"}, seed=0)
+    assert isinstance(pol, UniformPolicy) and list(pol.k_values) == [2, 3]
+    pol = build_policy({**section, "name": "adaptive"}, seed=0)
+    assert isinstance(pol, StrategyNet) and pol.hidden == 8 and list(pol.k_values) == [2, 3]
+    assert build_policy({"name": "none"}, seed=0) is None
+    with pytest.raises(ValueError, match="unknown policy.name"):
+        build_policy({"name": "greedy"}, seed=0)
+    assert set(TRAINERS) == {"hybridmask", "arl"}
+    with pytest.raises(ValueError, match="unknown method 'sgd'"):
+        run_training({"method": "sgd"})
+
+
 # ------------------------------------------------------------------ defenses with learnable parameters (DCTDP)
 def make_dctdp_trainer(tmp, allocation="softmax", total=None, lr=0.05, privacy_weight=1.0, log=False):
     torch.manual_seed(0)
