@@ -64,36 +64,40 @@ def _attack_with_seed(job):
     ckpt, base, seed = job
     import torch
     torch.set_num_threads(1)
-    from hybridmask.defenses.arl import (build_perceptual, evaluate_privacy, load_arl, prepare_data,
-                                         train_fresh_attacker)
-    from hybridmask.defenses.metrics import default_face_evaluator, embed_batched
-    from hybridmask.defenses.arl import to_float
-    net, _ = load_arl(ckpt)
+    from hybridmask.attacks.harness import default_embedder
+    from hybridmask.attacks.metrics import embed
+    from hybridmask.data.celeba import prepare_data, to_float
+    from hybridmask.models.perceptual import build_perceptual
+    from hybridmask.train.arl import load_arl_model
+    from hybridmask.train.arl_eval import evaluate_privacy, train_fresh_attacker
+    net, _ = load_arl_model(ckpt)
     _, pub, test, _ = prepare_data(base["data"], int(base["seed"]), progress=False)
     at = base["attack"]
     g = build_perceptual(**{k: base["perceptual"][k] for k in ("kind", "vgg_weights", "recognizer", "seed")}) \
         if at["mu2"] > 0 else None
     dec = train_fresh_attacker(net, g, pub, "cpu", int(at["steps"]), int(at["batch_size"]), float(at["mu1"]),
                                float(at["mu2"]), float(at["lr"]), int(seed), progress=False)
-    sf = default_face_evaluator()
-    res, _ = evaluate_privacy(net, dec, test, "cpu", 64, sf, embed_batched(sf, to_float(test.images)))
+    sf = default_embedder()
+    res, _ = evaluate_privacy(net, dec, test, "cpu", 64, sf, embed(sf, to_float(test.images)))
     return dict(res, seed=int(seed))
 
 
 def ceiling_face_sim(base) -> dict:
     """SSIM / PSNR / SFace similarity of original -> input_size -> 112 on the sweep's test faces."""
-    from hybridmask.defenses.arl import OUT_SIZE, prepare_data, resize, to_float
-    from hybridmask.defenses.metrics import default_face_evaluator, face_similarity, ssim_psnr
+    from hybridmask.attacks.harness import default_embedder
+    from hybridmask.data.celeba import prepare_data, to_float
+    from hybridmask.models.arl_nets import OUT_SIZE
+    from hybridmask.models.blocks import resize
+    from hybridmask.train.arl_eval import image_scores
     data = dict(base["data"], max_public_images=2)
     _, _, test, _ = prepare_data(data, int(base["seed"]), progress=False)
     orig = to_float(test.images)
     ceil = resize(resize(orig, base["model"]["input_size"]), OUT_SIZE).clamp(-1, 1)
-    s, p = ssim_psnr(ceil, orig)
-    return {"ssim": s, "psnr": p, "face_sim": face_similarity(ceil, orig, default_face_evaluator())}
+    return image_scores(ceil, orig, default_embedder())
 
 
 def report_only(args) -> int:
-    from hybridmask.defenses.arl import merge_config
+    from hybridmask.train.arl import merge_config
     from hybridmask.utils import atomic_write
     out = Path(args.out)
     summary = json.loads((out / "results.json").read_text())
@@ -121,7 +125,7 @@ def _run(cfg):
     import torch
     torch.set_num_threads(int(cfg["threads"]))
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    from hybridmask.defenses.arl import train_arl
+    from hybridmask.train.arl import train_arl
     t = time.time()
     r = train_arl(cfg)
     r["wall_s"] = round(time.time() - t, 1)
@@ -135,8 +139,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     if args.report_only:
         return report_only(args)
+    from hybridmask.train.arl import merge_config
     from hybridmask.train.config import read_config_file
-    from hybridmask.defenses.arl import merge_config
 
     base = merge_config(read_config_file(args.config))
     base["threads"] = args.threads
@@ -242,7 +246,8 @@ def write_markdown(path: Path, s, base) -> None:
         f"z = `{m['feature_layer']}` {tuple(runs[0]['z_shape'])}; warm-up {base['train']['warmup_epochs']} epochs + "
         f"{base['train']['decoder_warmup_steps']} decoder steps; batch {base['train']['batch_size']}",
         f"* perceptual network g: {runs[0]['perceptual']}",
-        f"* metrics on the test victims: utility ({uname}); SSIM / PSNR (scikit-image) and face similarity (cosine "
+        f"* metrics on the test victims: utility ({uname}); SSIM (scikit-image, 11x11 Gaussian window, sigma 1.5, "
+        "on [-1, 1] images: the attack harness's SSIM) / PSNR and face similarity (cosine "
         "of SFace embeddings, an independent recognizer) between the attacker's reconstruction (resized to "
         "112x112) and the original; LDA = between/within-class scatter of z over identities; feature sim = "
         "cosine of the feature attack M(z) and g(x), centred by the public mean",

@@ -1,4 +1,6 @@
-"""ARL (hybridmask.defenses.arl) and the representation metrics (hybridmask.defenses.metrics)."""
+"""ARL: the defense (hybridmask.defenses.arl), its networks (hybridmask.models.arl_nets, .perceptual),
+its training (hybridmask.train.arl), its data (hybridmask.data.celeba) and the representation metrics
+(hybridmask.eval.representation); image and face scores are the library's one set (hybridmask.attacks.metrics)."""
 from __future__ import annotations
 
 import copy
@@ -10,12 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hybridmask.defenses import create_defense, list_defenses
-from hybridmask.defenses.arl import (FEATURE_LAYERS, ARLNet, ARLTrainer, RandomConvFeatures, VGGFeatures,
-                                     build_perceptual, load_arl, merge_config, read_celeba_attributes, resize,
-                                     save_arl, train_arl, vgg16_features)
-from hybridmask.defenses.metrics import (face_similarity, knn_label_agreement, lda_score, mcc_per_attribute,
-                                         mean_mcc, plot_tsne, ssim_psnr, tsne)
+from hybridmask.attacks.metrics import identity_similarity, psnr, ssim
+from hybridmask.data.celeba import read_celeba_attributes
+from hybridmask.defenses import (ARLDefense, build_defense, create_defense, list_defenses, load_defense,
+                                 save_defense)
+from hybridmask.eval.representation import knn_label_agreement, lda_score, mcc_per_attribute, mean_mcc, plot_tsne, tsne
+from hybridmask.models.arl_nets import FEATURE_LAYERS, ARLNet
+from hybridmask.models.blocks import resize
+from hybridmask.models.perceptual import RandomConvFeatures, VGGFeatures, build_perceptual, vgg16_features
+from hybridmask.train.arl import ARLTrainer, load_arl_model, merge_config, save_arl_run, train_arl
 from hybridmask.utils import HybridMaskInputError
 
 TINY = dict(width=4, input_size=32, fc_dim=16, disc_width=4)
@@ -69,16 +74,20 @@ def test_lda_hand_computed():
 
 
 def test_ssim_psnr_and_face_similarity():
+    """ARL is scored with the library's one SSIM / PSNR / face similarity (the attack harness's)."""
     x = faces(3)
-    s, p = ssim_psnr(x, x)
-    assert s == pytest.approx(1.0) and p == pytest.approx(100.0)
-    s2, p2 = ssim_psnr((x + 0.2 * faces(3, 1)).clamp(-1, 1), x)
-    assert s2 < 1 and 5 < p2 < 40
+    assert np.allclose(ssim(x, x), 1.0) and np.isinf(psnr(x, x)).all()
+    noisy = (x + 0.2 * faces(3, 1)).clamp(-1, 1)
+    s2, p2 = ssim(noisy, x), psnr(noisy, x)
+    assert (s2 < 1).all() and 5 < p2.mean() < 40 and np.isfinite(p2).all()
+    assert "11x11" in ssim.__doc__ and "1.5" in ssim.__doc__  # the window is stated
     ev = lambda im: im.flatten(1)[:, :64]  # noqa: E731 - a stand-in evaluator
-    assert face_similarity(x, x, evaluator=ev) == pytest.approx(1.0)
-    assert face_similarity(-x, x, evaluator=ev) == pytest.approx(-1.0)
+    assert identity_similarity(x, x, embedder=ev).mean() == pytest.approx(1.0)
+    assert identity_similarity(-x, x, embedder=ev).mean() == pytest.approx(-1.0)
     with pytest.raises(HybridMaskInputError):
-        ssim_psnr(x[:2], x)
+        ssim(x[:2], x)
+    with pytest.raises(HybridMaskInputError):
+        psnr(x[:2], x)
 
 
 def test_tsne_separates_clusters(tmp_path):
@@ -315,9 +324,12 @@ def test_perceptual_g_from_a_torchvision_vgg16_state_dict(tmp_path):
 def test_arl_defense_interface_and_checkpoint(tmp_path):
     assert "arl" in list_defenses()
     d = create_defense("arl", feature_layer="layer3", width=4, input_size=32)
+    assert d.capabilities() == {"input_kind": "feature", "stochastic": False, "mixes": False, "trainable": False}
+    assert not d.needs_state() and "checkpoint" not in d.config
     x = faces(3)
     z, rec = d.release(x)
     assert rec is None and z.shape == (3, d.in_channels, d.grid, d.grid)
+    assert torch.equal(d.release(x)[0], z) and torch.equal(d.query(x), z)  # deterministic
     assert d.as_image(z).shape == (3, 3, 112, 112)
     with pytest.raises(ValueError, match="k=1"):
         d.release(x, k=2)
@@ -327,23 +339,39 @@ def test_arl_defense_interface_and_checkpoint(tmp_path):
     zf = blank.query(x)
     assert zf.shape == (3, 128, 1, 1) and blank.grid == 1
     assert torch.equal(blank.as_image(zf), torch.zeros(3, 3, 112, 112))
-    # a trained-model checkpoint round trip (weights_only load) gives the same release
+    # a trained model: defense file round trip (weights_only load) gives the same release
     torch.manual_seed(0)
     net = ARLNet(feature_layer="layer2", **TINY)
-    path = tmp_path / "arl.pt"
-    save_arl(path, net)
-    d2 = create_defense("arl", checkpoint=str(path))
+    path = tmp_path / "defense.pt"
+    save_arl_run(path, net)
+    d2 = load_defense(tmp_path)
     net.eval()
     torch.testing.assert_close(d2.query(x), net.encoder(x))
-    d3 = create_defense(**d2.config)
+    torch.testing.assert_close(d2.as_image(d2.query(x)), net.decoder(net.encoder(x)).clamp(-1, 1))
+    assert d2.needs_state() and "checkpoint" not in d2.config and d2.config["trained"] is True
+    d3 = build_defense(d2.config, d2.defense_state())
     torch.testing.assert_close(d3.query(x), d2.query(x))
-    loaded, _ = load_arl(path)
+    with pytest.raises(ValueError, match="learns values"):
+        build_defense(d2.config)                      # a trained model's config alone is not the defense
+    with pytest.raises(ValueError, match="encoder"):
+        build_defense(d2.config, {"encoder": d2.defense_state()["encoder"]})
+    loaded, _ = load_arl_model(path)
     assert loaded.config == net.config
+    for k, v in net.state_dict().items():             # encoder, utility, decoder and discriminator
+        torch.testing.assert_close(loaded.state_dict()[k], v)
     with pytest.raises(FileNotFoundError):
-        load_arl(tmp_path / "nope.pt")
+        load_arl_model(tmp_path / "nope.pt")
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError):
-        load_arl(tmp_path / "bad.pt")
+        load_arl_model(tmp_path / "bad.pt")
+    save_defense(tmp_path / "other.pt", create_defense("none"))
+    with pytest.raises(ValueError, match="not an ARL training output"):
+        load_arl_model(tmp_path / "other.pt")
+    torch.manual_seed(5)                                # from_net leaves the global random state alone
+    a = torch.rand(1)
+    torch.manual_seed(5)
+    ARLDefense.from_net(net)
+    assert torch.equal(torch.rand(1), a)
 
 
 # --------------------------------------------------------------------------- data + train_arl
@@ -398,14 +426,21 @@ def test_train_arl_end_to_end(tmp_path):
     _write_celeba_like(tmp_path / "data")
     cfg = _tiny_config(tmp_path / "data", tmp_path / "run")
     r = train_arl(cfg)
-    assert -1 <= r["utility"]["mcc"] <= 1 and 0 <= r["attack"]["ssim"] <= 1
+    assert -1 <= r["utility"]["mcc"] <= 1 and -1 <= r["attack"]["ssim"] <= 1   # SSIM's range (it can be < 0)
+    assert r["attack"]["ssim"] < r["resolution_ceiling"]["ssim"] <= 1 and 0 < r["attack"]["psnr"] < 40
     assert r["data"]["num_private"] + r["data"]["num_test"] == 24 and r["data"]["num_public"] == 12
     assert {"feature_sim", "feature_sim_raw"} <= set(r["feature_attack"]) and r["lda"] is not None
     assert [h["phase"] for h in r["history"]] == ["warmup", "adversarial"]
-    assert json.loads((tmp_path / "run" / "results.json").read_text())["name"] == "t"
+    written = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert written["name"] == "t" and written["config"] == merge_config(cfg)   # the run records its config
     assert (tmp_path / "run" / "tsne.png").is_file() and (tmp_path / "run" / "examples.png").is_file()
-    ck = torch.load(tmp_path / "run" / "arl.pt", weights_only=True)
-    assert ck["epoch"] == 2
+    ck = torch.load(tmp_path / "run" / "defense.pt", weights_only=True)
+    assert ck["format"] == "hybridmask.defense" and ck["extra"]["arl"]["epoch"] == 2
+    assert r["checkpoint"] == str(tmp_path / "run" / "defense.pt")
+    trained = load_defense(tmp_path / "run")        # the run folder gives the trained defense
+    net, _ = load_arl_model(tmp_path / "run")
+    net.eval()
+    torch.testing.assert_close(trained.query(faces(2)), net.encoder(faces(2)))
     # resume: nothing left to train, the same encoder is evaluated
     cfg["train"]["resume"] = True
     r2 = train_arl(cfg)
@@ -431,7 +466,7 @@ def test_config_errors():
 
 @pytest.mark.realdata
 def test_real_celeba_attributes_match_the_folder(faces_root):
-    from hybridmask.defenses.arl import index_identity_folder
+    from hybridmask.data.celeba import index_identity_folder
     path = faces_root / "celeba_attributes.txt"
     if not path.is_file():
         pytest.skip(f"{path} not found")

@@ -4,8 +4,9 @@ Images are (B, 3, H, W) float tensors in [-1, 1] (the hybridmask convention), so
 use ``data_range=2``. Every per-image function returns a float64 numpy array of length B; every
 value is checked against the metric's declared range before it is returned.
 
-* ``ssim`` - structural similarity (scikit-image, Gaussian window as in Wang et al. 2004, over
-  the RGB channels with ``channel_axis``), in [-1, 1].
+* ``ssim`` - structural similarity (scikit-image, 11x11 Gaussian window of sigma 1.5 as in Wang et
+  al. 2004, over the RGB channels with ``channel_axis``), in [-1, 1]. With ``psnr`` and
+  ``identity_similarity`` it is the one image / face metric set of the whole library (ARL too).
 * ``psnr`` - peak signal-to-noise ratio in dB (scikit-image); ``inf`` for identical images.
 * ``identity_similarity`` - cosine similarity of an *independent* embedder's embeddings of the
   reconstruction and the original, in [-1, 1].
@@ -74,6 +75,11 @@ def _pair(a: torch.Tensor, b: torch.Tensor, what: str) -> Tuple[np.ndarray, np.n
 # ---- image metrics --------------------------------------------------------------------------------
 @register_metric("ssim", (-1.0, 1.0), higher_is_private=False, doc="structural similarity, per image")
 def ssim(recon: torch.Tensor, original: torch.Tensor) -> np.ndarray:
+    """SSIM of each image pair: the library's one SSIM (attacks, ARL, benchmark).
+
+    scikit-image ``structural_similarity`` with an 11x11 Gaussian window of sigma 1.5 (Wang et al.
+    2004: ``gaussian_weights=True``, ``sigma=1.5``, truncated at 3.5 sigma, population covariance),
+    ``data_range=2`` on the images as given in [-1, 1], averaged over the RGB channels."""
     from skimage.metrics import structural_similarity
     a, b = _pair(recon, original, "ssim")
     vals = [structural_similarity(x, y, data_range=2.0, channel_axis=-1, gaussian_weights=True, sigma=1.5,
@@ -83,6 +89,8 @@ def ssim(recon: torch.Tensor, original: torch.Tensor) -> np.ndarray:
 
 @register_metric("psnr", (0.0, math.inf), higher_is_private=False, doc="peak signal-to-noise ratio in dB, per image")
 def psnr(recon: torch.Tensor, original: torch.Tensor) -> np.ndarray:
+    """PSNR in dB of each image pair (``data_range=2`` on [-1, 1]; ``inf`` for identical images):
+    the library's one PSNR."""
     from skimage.metrics import peak_signal_noise_ratio
     a, b = _pair(recon, original, "psnr")
     vals = []

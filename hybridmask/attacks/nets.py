@@ -1,7 +1,7 @@
 """Small networks used by the attacks: a U-Net-like generator for any (C, g, g) input, a PatchGAN
-discriminator, a DCGAN pair and an embedding -> face decoder. All are written for CPU budgets
-(width is a knob) and work at an internal face size ``size`` (64 by default; reconstructions are
-bilinearly up-sampled to 112)."""
+discriminator (shared with ARL: :mod:`hybridmask.models.blocks`), a DCGAN pair and an embedding ->
+face decoder. All are written for CPU budgets (width is a knob) and work at an internal face size
+``size`` (64 by default; reconstructions are bilinearly up-sampled to 112)."""
 from __future__ import annotations
 
 from typing import List
@@ -10,16 +10,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..models.blocks import ConvBNAct, PatchDiscriminator  # noqa: F401  (PatchDiscriminator: cgan's)
+
 
 def _norm(ch: int) -> nn.Module:
     return nn.BatchNorm2d(ch)
-
-
-class _Conv(nn.Sequential):
-    def __init__(self, i: int, o: int, k: int = 3, s: int = 1, act: str = "relu"):
-        layers = [nn.Conv2d(i, o, k, s, k // 2 if s == 1 else 1, bias=False), _norm(o)]
-        layers.append(nn.LeakyReLU(0.2, inplace=True) if act == "lrelu" else nn.ReLU(inplace=True))
-        super().__init__(*layers)
 
 
 class _Res(nn.Module):
@@ -86,7 +81,7 @@ class UNetGenerator(nn.Module):
         cur = g
         while len(downs) < depth and cur % 2 == 0 and cur // 2 >= 4:
             o = min(chans[-1] * 2, width * max_mult)
-            downs.append(_Conv(chans[-1], o, 4, 2, act="lrelu"))
+            downs.append(ConvBNAct(chans[-1], o, 4, 2, act="lrelu"))
             chans.append(o)
             cur //= 2
         self.downs = nn.ModuleList(downs)
@@ -95,8 +90,8 @@ class UNetGenerator(nn.Module):
         merges: List[nn.Module] = []
         c = chans[-1]
         for skip_c in reversed(chans[:-1]):
-            ups.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), _Conv(c, skip_c)))
-            merges.append(_Conv(2 * skip_c, skip_c))
+            ups.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), ConvBNAct(c, skip_c)))
+            merges.append(ConvBNAct(2 * skip_c, skip_c))
             c = skip_c
             cur *= 2
         self.ups = nn.ModuleList(ups)
@@ -105,7 +100,7 @@ class UNetGenerator(nn.Module):
         while cur * 2 <= self.size:
             o = max(c // 2, 16) if c > 16 else c
             extra.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-                                       _Conv(c, o), _Conv(o, o)))
+                                       ConvBNAct(c, o), ConvBNAct(o, o)))
             c = o
             cur *= 2
         self.extra = nn.Sequential(*extra)
@@ -128,25 +123,6 @@ class UNetGenerator(nn.Module):
         if out.shape[-1] != self.size:
             out = F.interpolate(out, size=(self.size, self.size), mode="bilinear", align_corners=False)
         return out
-
-
-class PatchDiscriminator(nn.Module):
-    """PatchGAN (pix2pix): ``in_ch`` channels at ``size`` -> a map of real/fake logits, one per patch."""
-
-    def __init__(self, in_ch: int, width: int = 32, n_layers: int = 3):
-        super().__init__()
-        layers = [nn.Conv2d(in_ch, width, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True)]
-        c = width
-        for i in range(1, n_layers):
-            o = min(c * 2, width * 8)
-            layers += [nn.Conv2d(c, o, 4, 2, 1, bias=False), _norm(o), nn.LeakyReLU(0.2, inplace=True)]
-            c = o
-        layers += [nn.Conv2d(c, c, 3, 1, 1, bias=False), _norm(c), nn.LeakyReLU(0.2, inplace=True),
-                   nn.Conv2d(c, 1, 3, 1, 1)]
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x):
-        return self.net(x)
 
 
 class DCGANGenerator(nn.Module):
@@ -199,7 +175,7 @@ class EmbeddingDecoder(nn.Module):
         cur = 4
         while cur < size:
             o = max(c // 2, width)
-            layers += [nn.Upsample(scale_factor=2, mode="nearest"), _Conv(c, o), _Conv(o, o)]
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), ConvBNAct(c, o), ConvBNAct(o, o)]
             c = o
             cur *= 2
         self.body = nn.Sequential(*layers)

@@ -5,7 +5,7 @@ from .base import (DEFENSES, Defense, FixedKMixUp, FrequencyOnly, InstaHide, Mas
                    create_defense, list_defenses, register_defense)
 from .adaptive import AdaptiveMask, load_policy, save_policy  # noqa: E402,F401  (registers "adaptive")
 from .dctdp import DCTDPDefense  # noqa: E402,F401  (registers "dctdp")
-from .arl import ARLDefense, train_arl  # noqa: E402,F401  (registers "arl")
+from .arl import ARLDefense, train_arl  # noqa: E402,F401  (registers "arl"; train_arl runs hybridmask.train.arl)
 from .io import (DefenseNotRecordedError, build_defense, defense_from_checkpoint, defense_record,  # noqa: E402,F401
                  load_defense, save_defense)
 
