@@ -27,10 +27,10 @@ Nothing in this package names a defense, an attack or a training method.
 """
 from .cli import add_arguments, main, run
 from .config import BUDGETS, load_benchmark
+from .plot import privacy_utility_plot
 from .report import render_markdown, target_checks
 from .runner import Benchmark
 from .runs import Entry, config_diff, config_hash, fingerprint, inspect_folder, place_run, resolve_entry, wait_for
-from .plot import privacy_utility_plot
 
 __all__ = ["Benchmark", "Entry", "BUDGETS", "load_benchmark", "resolve_entry", "place_run", "inspect_folder",
            "wait_for", "fingerprint", "config_hash", "config_diff", "target_checks", "render_markdown",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import operator
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
