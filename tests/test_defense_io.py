@@ -96,7 +96,7 @@ def test_adaptive_run_carries_its_policy(runs, tmp_path):
     lone = tmp_path / "lone"
     lone.mkdir()
     shutil.copy(run / "model.pt", lone / "model.pt")
-    assert load_defense(lone / "model.pt").policy.k_values == [2, 3]
+    assert list(load_defense(lone / "model.pt").policy.k_values) == [2, 3]
     blob = safe_torch_load(run / "model.pt")         # without its learned state it would be untrained
     blob["extra"]["defense_state"] = None
     atomic_save(blob, lone / "model.pt")

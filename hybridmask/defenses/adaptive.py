@@ -115,6 +115,7 @@ class AdaptiveMask(MaskDefense):
     """
     name = "adaptive"
     mixes = True
+    takes_policy = True
     state_keys = ("policy_config",)
 
     def __init__(self, policy=None, policy_path: Optional[str] = None, policy_config: Optional[Dict[str, Any]] = None,
@@ -171,6 +172,11 @@ class AdaptiveMask(MaskDefense):
         self.running_loss = float(state.get("running_loss", self.running_loss))
         self.progress = float(state.get("progress", self.progress))
 
+    def end_training(self, running_loss: Optional[float] = None, progress: float = 1.0) -> None:
+        if running_loss is not None:
+            self.running_loss = float(running_loss)
+        self.progress = float(progress)
+
     def context(self, encoded: torch.Tensor) -> torch.Tensor:
         from ..policy import context_features
         return context_features(encoded, self.running_loss, min(max(self.progress, 0.0), 1.0))
@@ -180,7 +186,7 @@ class AdaptiveMask(MaskDefense):
         """The policy picks k per face from the context of the masked batch (unless ``k`` is given:
         the trainer, or an attacker's white-box probe)."""
         if k is not None:
-            return self.mask.draw(images, k)
+            return super().draw(images, k)
         d = Draw(perm=self.mask.ppfrfd.permutations(images.shape[0]))
         encoded = self.mask.front(images, d)
         kk, _, _ = self.policy.act(self.context(encoded), greedy=self.greedy)

@@ -90,6 +90,8 @@ class Defense(nn.Module):
     stochastic = False
     mixes = False
     trainable = False
+    #: whether its constructor takes a masking ``policy`` that picks k per face (the trainer's)
+    takes_policy = False
     #: config keys whose learned state (:meth:`defense_state`) is only valid for the value it was learned at
     state_keys: Tuple[str, ...] = ()
 
@@ -192,6 +194,10 @@ class Defense(nn.Module):
         """Plain numbers for training logs."""
         return {}
 
+    def end_training(self, running_loss: Optional[float] = None, progress: float = 1.0) -> None:
+        """Called once when training ends, with the trainer's final context (the adaptive policy keeps
+        it as its deployment context)."""
+
     # ---- persistence ---------------------------------------------------------------------------
     def defense_state(self) -> Dict[str, Any]:
         """Learned values that ``config`` does not hold (tensors and plain data; never secrets)."""
@@ -264,8 +270,10 @@ class MaskDefense(Defense):
                          else None)
 
     def draw(self, images, k=None):
+        """Per-face secrets, and a MixUp unless every face is released alone (``k=1``: the query, or the
+        per-face half the trainer encodes before its policy picks k)."""
         self._check_k(k)
-        if not self.mixes:
+        if not self.mixes or (k is not None and bool((torch.as_tensor(k) == 1).all())):
             return Draw(perm=self.mask.ppfrfd.permutations(images.shape[0]))
         return self.mask.draw(images, k)
 
@@ -273,10 +281,6 @@ class MaskDefense(Defense):
         if draw.mix is None:
             return self.mask.encode(images, draw.perm), None
         return self.mask.apply(images, draw)
-
-    def query(self, images):
-        check_images(images)
-        return self.mask.encode(images)
 
     def encode(self, images, draw):
         return self.mask.front(images, draw)

@@ -71,10 +71,11 @@ def split_config(config: Mapping[str, Any], where: str = "defense config") -> Tu
 
 def build_defense(config: Mapping[str, Any], state: Optional[Mapping[str, Any]] = None, seed: SeedLike = None,
                   overrides: Optional[Mapping[str, Any]] = None, where: str = "defense config",
-                  **objects) -> Defense:
+                  untrained: bool = False, **objects) -> Defense:
     """The defense ``config`` describes, ``overrides`` on top, its learned ``state`` loaded, fresh
     secrets from ``seed``. ``objects``: live constructor arguments that are not plain data (the
-    trainer's policy). Refuses to rebuild a defense that needs learned state without it."""
+    trainer's policy, for a defense whose ``takes_policy`` is True). Refuses to rebuild a defense that
+    needs learned state without it, unless ``untrained`` (a defense about to be trained)."""
     name, args = split_config(config, where)
     if name not in DEFENSES:
         raise KeyError(f"{where}: unknown defense {name!r}; available: {', '.join(list_defenses())}")
@@ -85,6 +86,9 @@ def build_defense(config: Mapping[str, Any], state: Optional[Mapping[str, Any]] 
             raise ValueError(f"{where}: cannot override {', '.join(fixed)} of a trained {name!r} defense "
                              f"(its learned values were trained at {', '.join(f'{k}={args.get(k)!r}' for k in fixed)})")
     args.update(dict(overrides or {}))
+    if "policy" in objects and not DEFENSES.get(name).takes_policy:
+        raise ValueError(f"{where}: defense {name!r} does not mix, so it takes no masking policy "
+                         f"(set policy.name=none, or use a mixing defense such as 'adaptive')")
     try:
         defense = create_defense(name, seed=seed, **args, **objects)
     except TypeError as e:
@@ -93,7 +97,7 @@ def build_defense(config: Mapping[str, Any], state: Optional[Mapping[str, Any]] 
         defense.load_defense_state(dict(state) if state else None)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
-    if not state and not objects and defense.needs_state():
+    if not state and not objects and not untrained and defense.needs_state():
         raise ValueError(f"{where}: defense {name!r} learns values during training, but none are recorded here "
                          f"(no defense_state); it would be rebuilt untrained")
     return defense
@@ -103,8 +107,14 @@ def build_defense(config: Mapping[str, Any], state: Optional[Mapping[str, Any]] 
 def recorded_defense(blob: Mapping[str, Any], path: PathLike) -> Tuple[Optional[Dict[str, Any]], Optional[Dict]]:
     """``(config, state)`` a hybridmask file records (``(None, None)`` when it records none)."""
     fmt = blob.get("format")
-    if fmt == POLICY_FORMAT:
-        return {"name": "adaptive", "policy_path": str(path), **_adaptive_masking(blob, path)}, None
+    if fmt == POLICY_FORMAT:   # the adaptive defense with that policy and the masking it was trained for
+        pcfg, pstate = blob.get("policy_config"), blob.get("policy_state")
+        if not isinstance(pcfg, Mapping) or "name" not in pcfg or not isinstance(pstate, Mapping):
+            raise ValueError(f"{path}: a policy file needs policy_config (with a name) and policy_state")
+        context = blob.get("context") if isinstance(blob.get("context"), Mapping) else {}
+        state = {"policy_state": dict(pstate), **{k: float(context[k]) for k in ("running_loss", "progress")
+                                                   if k in context}}
+        return {"name": "adaptive", "policy_config": dict(pcfg), **_adaptive_masking(blob, path)}, state
     holder = blob.get("extra") if fmt == RECOGNIZER_FORMAT else blob
     if fmt not in (RECOGNIZER_FORMAT, DEFENSE_FORMAT, TRAINER_FORMAT):
         raise ValueError(f"{path}: not a hybridmask defense, recognizer, policy or trainer checkpoint (format={fmt!r})")

@@ -86,25 +86,9 @@ def build_policy(policy_cfg: Dict[str, Any], seed: int):
     return create_policy(name, seed=seed, **args)
 
 
-def _fresh_defense(config: Dict[str, Any], seed, **objects):
-    """The untrained defense a config's ``defense:`` section describes, for training (``build_defense``
-    refuses to build a trainable defense without its learned state, which is right everywhere but here).
-    ``objects``: live constructor arguments (the trainer's policy)."""
-    from ..defenses import create_defense, list_defenses
-    from ..defenses.io import split_config
-    name, args = split_config(config, "defense")
-    if name not in list_defenses():
-        raise ValueError(f"unknown defense.name {name!r}; available: {', '.join(list_defenses())}")
-    try:
-        return create_defense(name, seed=seed, **args, **objects)
-    except TypeError as e:
-        raise ValueError(f"defense {name!r} does not take these arguments {sorted(args) + sorted(objects)}: {e}"
-                         + (" (only a mixing defense takes a policy: set policy.name=none)" if objects else "")) from None
-
-
 def _run_hybridmask(cfg: Dict[str, Any]) -> Dict[str, Any]:
     from ..defenses.adaptive import save_policy
-    from ..defenses.io import defense_record
+    from ..defenses.io import build_defense, defense_record
     from ..models import create_head, create_model, save_model
     from ..policy import LagrangianReward, Reinforce
     from .callbacks import Checkpoint, Logging, ProgressBar, Utility, Verification
@@ -157,7 +141,7 @@ def _run_hybridmask(cfg: Dict[str, Any]) -> Dict[str, Any]:
     if "seed" in ((cfg["defense"] or {}).get("args") or {}):
         raise ValueError("set the masking seed with run.mask_seed, not defense.args.seed")
     objects = {"policy": policy} if policy is not None else {}   # the defense mixes with the trainer's policy
-    defense = _fresh_defense(cfg["defense"], mask_seed, **objects)
+    defense = build_defense(cfg["defense"], seed=mask_seed, where="defense", untrained=True, **objects)
     grid = defense.grid_for(int(faces.images.shape[-1]))
     model = create_model(model_cfg["name"], stem=defense.input_kind, in_chans=defense.in_channels, grid=grid,
                          embedding_size=int(model_cfg["embedding_size"]),
@@ -220,6 +204,7 @@ def _run_hybridmask(cfg: Dict[str, Any]) -> Dict[str, Any]:
     t_fit = time.time()
     summary = trainer.fit(steps=total)
     fit_seconds = time.time() - t_fit
+    defense.end_training(running_loss=trainer.running_loss, progress=1.0)   # its deployment context
 
     results: Dict[str, Any] = {}
     if main:
@@ -251,7 +236,7 @@ def _run_hybridmask(cfg: Dict[str, Any]) -> Dict[str, Any]:
         if learned:
             results["defense_stats"] = _plain(defense.train_stats())
         if policy is not None and policy.trainable:
-            context = {"running_loss": float(trainer.running_loss or 0.0), "progress": 1.0}
+            context = {"running_loss": float(trainer.running_loss or 0.0), "progress": 1.0}   # as end_training
             save_policy(out / "policy.pt", policy, masking=_plain(defense.config), context=context,
                         extra={"run": str(name), "k_hist": _plain(summary["k_hist"]), "utility": summary["utility"],
                                "mu": summary["mu"], "verification": {k: v.get("accuracy") for k, v in verification.items()}})
@@ -268,10 +253,7 @@ def _run_hybridmask(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _run_arl(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    try:
-        from .arl import train_arl
-    except ImportError:   # before ARL's trainer moved into hybridmask.train
-        from ..defenses.arl import train_arl
+    from .arl import train_arl
     return train_arl({k: v for k, v in cfg.items() if k != "_source_"})
 
 
