@@ -17,9 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple, Union
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from ..utils import HybridMaskInputError
 
@@ -28,20 +26,10 @@ VICTIM_SETS = ("lfw", "celeba_heldout")
 
 
 def read_face(path: Union[str, os.PathLike], size: int = 112) -> torch.Tensor:
-    """One aligned face file -> (3, size, size) float32 in [-1, 1]; clear errors for missing/corrupt/wrong size."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            img = im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
-    if img.size != (size, size):
-        raise ValueError(f"image {path} is {img.size[0]}x{img.size[1]}, expected an aligned {size}x{size} face")
-    arr = np.asarray(img, dtype=np.float32)
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous() / 127.5 - 1.0
+    """One aligned face file -> (3, size, size) float32 in [-1, 1]; clear errors for missing/corrupt/wrong
+    size/oversized files (decoding and bit depths: :func:`hybridmask.data.image.load_image`)."""
+    from ..data.image import load_image
+    return load_image(path, size=size)
 
 
 def list_identities(root: Union[str, os.PathLike]) -> Dict[str, List[Path]]:

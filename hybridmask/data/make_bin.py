@@ -24,6 +24,8 @@ def build_bin(target: str, data_root, out, check: bool = True, progress: bool = 
     """Write ``out`` for ``target`` (lfw | cfp_fp | cfp_ff) from ``data_root``; returns a summary."""
     if str(target).lower() not in TARGETS:
         raise KeyError(f"unknown target {target!r}; make-bin supports {', '.join(TARGETS)}")
+    from hybridmask.utils.io import check_writable_file
+    check_writable_file(out, "output .bin file")  # before minutes of reading images
     t0 = time.perf_counter()
     pairs = protocol_pairs(target, data_root)
     cache = {}
@@ -32,7 +34,12 @@ def build_bin(target: str, data_root, out, check: bool = True, progress: bool = 
     for a, b, same, _fold in tqdm(pairs, desc=f"make-bin {target}", unit="pair", disable=not progress, leave=False):
         for p in (a, b):
             if p not in cache:
-                data = Path(p).read_bytes()
+                try:
+                    data = Path(p).read_bytes()
+                except FileNotFoundError:
+                    raise FileNotFoundError(f"image listed by the {target} protocol not found: {p}") from None
+                except OSError as e:
+                    raise ValueError(f"cannot read image {p}: {e.strerror or e}") from None
                 if check:  # fail now, naming the file, rather than at evaluation time
                     decode_image(data, name=str(p), size=FACE_SIZE)
                 cache[p] = data

@@ -6,20 +6,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from ..utils.io import atomic_write
+from ..data.image import load_image as _load_image
+from ..utils.io import atomic_write, check_writable_dir
+from ..utils.validate import HybridMaskInputError
 from .hybrid import HybridMask
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+U_CHOICES = (1, 2, 4, 8)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="folder of aligned 112x112 faces (searched recursively)")
     p.add_argument("dst", help="output folder for the PNG views (same sub-folder layout)")
-    p.add_argument("--u", type=int, default=1, help="BDCT upsampling factor (1, 2, 4, 8)")
+    p.add_argument("--u", type=int, default=1, choices=U_CHOICES, help="BDCT upsampling factor (1, 2, 4, 8)")
     p.add_argument("--drop", default="dc", help="channels to drop: dc, lowN, none")
     p.add_argument("--shuffle", default="sample", choices=["sample", "key", "none"])
     p.add_argument("--mix", default="neighbour", choices=["neighbour", "none"])
@@ -27,12 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_image(path: Path) -> torch.Tensor:
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.float32)
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
-    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1
+    """Any image file -> (3, H, W) in [-1, 1] (every bit depth, size checked before decoding;
+    see :mod:`hybridmask.data.image`)."""
+    return _load_image(path, size=None)
 
 
 def save_png(img: torch.Tensor, path: Path) -> None:
@@ -45,14 +44,20 @@ def run(args) -> int:
     src, dst = Path(args.src), Path(args.dst)
     if not src.is_dir():
         raise FileNotFoundError(f"source folder not found: {src}")
-    files = sorted(f for f in src.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+    if args.seed is not None and args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    files = sorted(f for f in src.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {src}")
     hm = HybridMask(u=args.u, drop=args.drop, shuffle=args.shuffle, mix=args.mix, seed=args.seed)
+    check_writable_dir(dst, "output folder")
     from tqdm import tqdm
     for f in tqdm(files, desc="masking", unit="img"):
         x = load_image(f).unsqueeze(0)
-        view = hm.as_image(hm.query(x), size=tuple(x.shape[-2:]))[0]
+        try:
+            view = hm.as_image(hm.query(x), size=tuple(x.shape[-2:]))[0]
+        except HybridMaskInputError as e:  # e.g. a size the block DCT cannot tile: name the file
+            raise ValueError(f"cannot mask image {f}: {e}") from None
         save_png(view, (dst / f.relative_to(src)).with_suffix(".png"))
     print(f"wrote {len(files)} masked views to {dst}")
     return 0
