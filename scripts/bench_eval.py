@@ -12,6 +12,11 @@ prints the speed-ups together with the load-independent multiply-add ratios.
     python scripts/bench_eval.py --data ../shared/data/faces
     python scripts/bench_eval.py --data ../shared/data/faces --max-pairs 600   # quicker, projected
     python scripts/bench_eval.py --skip-lfw --backbones mobilefacenet,iresnet18
+    python scripts/bench_eval.py --sface-throughput --skip-lfw --backbones ''   # SFace judge img/s only
+
+``--sface-throughput`` times the SFace judge (images/s, ``--threads`` threads, batches of
+``--sface-batch``) as it runs now against the settings before its tuning (no PReLU rewrite), both
+built in this run and timed in alternating rounds, and prints both rates and their ratio.
 """
 from __future__ import annotations
 
@@ -53,6 +58,43 @@ def bench_lfw(args) -> dict:
         proj = r["seconds"] / r["images"] * 7701
         out["projected_full_lfw_seconds"] = proj
         print(f"[lfw] subset only: projected full LFW (7,701 distinct images) ~{proj:.0f} s at this rate")
+    return out
+
+
+def bench_sface(args) -> dict:
+    """SFace images/s, tuned vs the previous settings, alternating rounds in one process."""
+    from hybridmask.eval.onnx_models import SFace
+    t0 = time.perf_counter()
+    variants = {"previous": SFace(threads=args.threads, optimize=False)}
+    t1 = time.perf_counter()
+    variants["tuned"] = SFace(threads=args.threads, optimize=True)
+    t2 = time.perf_counter()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(args.sface_batch, 3, 112, 112, generator=g) * 2 - 1
+    diff = float((variants["tuned"](x) - variants["previous"](x)).abs().max())
+    for m in variants.values():  # warm-up (first runs allocate the arena)
+        m(x)
+    rates = {k: [] for k in variants}
+    for _ in range(args.sface_rounds):
+        for k, m in variants.items():
+            t = time.perf_counter()
+            n = 0
+            while n == 0 or time.perf_counter() - t < args.sface_seconds:
+                m(x)
+                n += len(x)
+            rates[k].append(n / (time.perf_counter() - t))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    out = {"threads": args.threads, "batch": args.sface_batch, "rounds": args.sface_rounds,
+           "images_per_second": med, "rounds_images_per_second": rates,
+           "ratio_tuned_over_previous": med["tuned"] / med["previous"],
+           "per_round_ratios": [a / b for a, b in zip(rates["tuned"], rates["previous"])],
+           "max_abs_embedding_difference": diff,
+           "build_seconds": {"previous": t1 - t0, "tuned": t2 - t1}}
+    print(f"[sface] {args.threads} threads, batch {args.sface_batch}, median of {args.sface_rounds} alternating rounds: "
+          f"tuned {med['tuned']:.1f} img/s, previous settings {med['previous']:.1f} img/s, "
+          f"ratio x{out['ratio_tuned_over_previous']:.2f} (per round: "
+          f"{', '.join(f'{r:.2f}' for r in out['per_round_ratios'])}); max |embedding diff| {diff:.1e}; "
+          f"load average {load_text()}")
     return out
 
 
@@ -122,6 +164,11 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--sface-throughput", action="store_true",
+                   help="time the SFace judge: tuned vs previous onnxruntime settings, same run")
+    p.add_argument("--sface-batch", type=int, default=128, help="batch size for --sface-throughput")
+    p.add_argument("--sface-rounds", type=int, default=5, help="alternating rounds for --sface-throughput")
+    p.add_argument("--sface-seconds", type=float, default=3.0, help="seconds per variant and round")
     p.add_argument("--out", default=None, help="write the numbers as JSON")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -132,6 +179,8 @@ def main(argv=None) -> int:
     doc = {"environment": {"python": platform.python_version(), "torch": torch.__version__,
                            "cpus": os.cpu_count(), "threads": args.threads, "load_before": load_text()}}
     t0 = time.perf_counter()
+    if args.sface_throughput:
+        doc["sface"] = bench_sface(args)
     if not args.skip_lfw:
         try:
             doc["lfw"] = bench_lfw(args)

