@@ -201,7 +201,9 @@ class _OnnxEmbedder:
     """Shared machinery: tensor in [-1, 1] -> model input -> (B, D) float32 tensor."""
 
     def __init__(self, model, name: str, channel_order: str, scale: float, offset: float,
-                 threads: int = 2, max_batch: int = 128, optimize: bool = True):
+                 threads: int = 2, max_batch: int = 32, optimize: bool = True):
+        # max_batch: onnxruntime runs at most this many faces at once; on 2 threads 32 is as fast as 128
+        # (measured, alternating rounds) and peaks at 1.5 GB instead of 4 GB for SFace
         if channel_order not in ("RGB", "BGR"):
             raise ValueError(f"channel_order must be 'RGB' or 'BGR', got {channel_order!r}")
         self.name = name
