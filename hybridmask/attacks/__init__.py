@@ -5,17 +5,18 @@
     atk.fit(defense, public_faces)                   # attacker-side training on public faces
     recon = atk.attack(defense, victim_faces)        # observe (through the defense) + invert
 
-Registered attacks: ``cgan`` (pix2pix reconstruction), ``demix`` (multi-encoding demixing),
-``embedding_inversion`` (learned decoder / white-box optimisation), ``gmi`` (generative class
-inversion). Metrics live in :mod:`hybridmask.attacks.metrics` (``compute_metric``, ``list_metrics``).
+Registered attacks: ``structure`` (exact algebra, channel assignment, DC recovery, refinement),
+``cgan`` (pix2pix reconstruction), ``demix`` (multi-encoding demixing), ``embedding_inversion``
+(learned decoder / white-box optimisation), ``gmi`` (generative class inversion). Metrics live in :mod:`hybridmask.attacks.metrics` (``compute_metric``, ``list_metrics``).
 """
 from .base import (ATTACKS, Attack, Param, create_attack, describe_attack, list_attacks, register_attack)
-from . import cgan, demix, embedding, gmi  # noqa: F401  (registers)
+from . import cgan, demix, embedding, gmi, structure  # noqa: F401  (registers)
 from .cgan import CGANAttack
 from .demix import DemixAttack
 from .embedding import EmbeddingInversion
 from .gmi import GMIAttack
+from .structure import StructureAttack
 from .metrics import METRICS, compute_metric, list_metrics
 
 __all__ = ["ATTACKS", "Attack", "Param", "create_attack", "describe_attack", "list_attacks", "register_attack",
-           "CGANAttack", "DemixAttack", "EmbeddingInversion", "GMIAttack", "METRICS", "compute_metric", "list_metrics"]
+           "CGANAttack", "DemixAttack", "EmbeddingInversion", "GMIAttack", "StructureAttack", "METRICS", "compute_metric", "list_metrics"]

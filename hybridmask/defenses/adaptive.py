@@ -125,6 +125,8 @@ class AdaptiveMask(MaskDefense):
                  max_weight: float = 0.65, granularity: str = "image", order: str = "mask_mix",
                  seed: SeedLike = None, policy_seed: SeedLike = None):
         from ..policy import UniformPolicy, create_policy
+        if policy_seed is None and isinstance(seed, int):   # a seeded (test) defense samples its k reproducibly too
+            policy_seed = seed + 1
         mask_args = dict(u=u, drop=drop, shuffle=shuffle, mix=mix, weights=weights, max_weight=max_weight,
                          granularity=granularity, order=order)
         super().__init__({}, seed=seed, k=1, **mask_args)
