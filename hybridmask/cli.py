@@ -19,6 +19,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 SUBCOMMANDS = {
     "train": ("hybridmask.train.cli", "train a recognizer (and the masking policy) from a YAML config"),
     "eval": ("hybridmask.eval.cli", "1:1 verification on LFW / CFP-FP / CFP-FF / AgeDB (.bin or folders)"),
+    "verify": ("hybridmask.eval.verify_cli", "same / different for a CSV of photo pairs (accuracy, TAR@FAR, AUC with labels)"),
     "align": ("hybridmask.data.align", "detect, landmark and align raw photos to 112x112 ArcFace crops"),
     "make-bin": ("hybridmask.data.make_bin", "build an insightface-style .bin verification file"),
     "attack": ("hybridmask.attacks.cli", "run model-inversion attacks against a defense"),

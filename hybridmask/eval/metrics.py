@@ -79,6 +79,16 @@ def roc_curve(scores, issame):
     return fpr, tpr, thr
 
 
+def _area(fpr, tpr) -> float:
+    return float(np.trapezoid(tpr, fpr) if hasattr(np, "trapezoid") else np.trapz(tpr, fpr))
+
+
+def roc_auc(scores, issame) -> float:
+    """Area under the ROC curve of :func:`roc_curve` (needs both same and different pairs)."""
+    fpr, tpr, _ = roc_curve(scores, issame)
+    return _area(fpr, tpr)
+
+
 def tar_at_far(scores, issame, far: float) -> Dict[str, float]:
     """True accept rate at a false accept rate of at most ``far`` (no interpolation).
 
@@ -162,7 +172,7 @@ def verification_metrics(scores, issame, folds: Union[int, Sequence[int], np.nda
         out.update(tar_at_far={}, auc=None, roc=None)
         return out
     fpr, tpr, _ = roc_curve(s, y)
-    out["auc"] = float(np.trapezoid(tpr, fpr) if hasattr(np, "trapezoid") else np.trapz(tpr, fpr))
+    out["auc"] = _area(fpr, tpr)
     out["tar_at_far"] = {f"{far:.0e}": tar_at_far(s, y, far) for far in far_targets}
     out["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
     return out
