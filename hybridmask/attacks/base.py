@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ..models.blocks import resize  # noqa: F401  (re-exported: the attacks' resize is the models' one)
 from ..utils import HybridMaskInputError, Registry, check_images
 
 ATTACKS = Registry("attack")
@@ -288,31 +289,18 @@ def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_s
 
 
 def differentiable_query(defense) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A query path gradients flow through: the defense's ``query`` if it is differentiable, else
-    the masking's ``encode`` (the same BDCT + PPFR-FD without ``no_grad``). Raises if neither is."""
+    """A query path gradients flow through: ``apply(x, draw(x, 1))`` (the defense's query, which may run
+    under ``no_grad``, replayed through its deterministic half). Raises if that is not differentiable."""
+    def query(x: torch.Tensor) -> torch.Tensor:
+        return defense.apply(x, defense.draw(x, 1))[0]
+
     probe = torch.zeros(1, 3, FACE_SIZE, FACE_SIZE, requires_grad=True)
-    candidates = [defense.query]
-    mask = getattr(defense, "mask", None)
-    if mask is not None and callable(getattr(mask, "encode", None)):
-        candidates.append(mask.encode)
-    for fn in candidates:
-        with torch.enable_grad():
-            try:
-                out = fn(probe)
-            except Exception:
-                continue
-        if isinstance(out, torch.Tensor) and out.requires_grad:
-            return fn
+    with torch.enable_grad():
+        out = query(probe)
+    if isinstance(out, torch.Tensor) and out.requires_grad:
+        return query
     raise ValueError(f"the query path of defense {getattr(defense, 'name', type(defense).__name__)!r} is not "
                      f"differentiable; white-box optimisation needs one (use the learned decoder instead)")
-
-
-def resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    if x.shape[-1] == size and x.shape[-2] == size:
-        return x
-    mode = "area" if x.shape[-1] > size else "bilinear"
-    kw = {} if mode == "area" else {"align_corners": False}
-    return torch.nn.functional.interpolate(x, size=(size, size), mode=mode, **kw)
 
 
 def iterate_minibatches(n: int, batch_size: int, generator: torch.Generator, drop_last: bool = True):

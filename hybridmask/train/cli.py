@@ -1,7 +1,7 @@
 """``hybridmask train --config configs/X.yaml [dotted.key=value ...]``.
 
 Trains what the config describes with :func:`hybridmask.train.run.run_training` (one trainer
-for every defense; ``method: arl`` configs go to ``hybridmask.defenses.arl.train_arl``).
+for every defense; ``method: arl`` configs go to ``hybridmask.train.arl.train_arl``).
 Under ``torchrun --nproc_per_node=N -m hybridmask.cli train ...`` it trains with
 DistributedDataParallel.
 """
