@@ -151,7 +151,10 @@ def _load_images(files: List[Path], align: bool, max_pixels: Optional[int]) -> T
     failed: Dict[Path, str] = {}
     if align:
         from hybridmask.data.align import FaceAligner, align_file
-        aligner = FaceAligner()
+        try:
+            aligner = FaceAligner()
+        except ModuleNotFoundError as e:
+            raise ValueError(f"--align is not available here: {e}") from None
         for f in files:
             aligned, info = align_file(f, aligner, max_pixels)
             if aligned is None:
