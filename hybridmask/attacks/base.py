@@ -215,8 +215,12 @@ class Attack:
         from ..defenses.io import build_defense
         seed = int(torch.randint(0, 2**62, (1,), generator=self.generator).item())
         # the public algorithm and its learned values (e.g. DCTDP's budgets, the policy), fresh secrets
-        return build_defense(victim_defense.config, victim_defense.defense_state(), seed=seed,
-                             where="white-box attacker's defense")
+        try:
+            return build_defense(victim_defense.config, victim_defense.defense_state(), seed=seed,
+                                 where="white-box attacker's defense")
+        except KeyError as e:
+            raise ValueError(f"white-box mode rebuilds the defense from its config, but {e.args[0]}; use "
+                             f"mode='blackbox' for a defense that is not registered") from None
 
     def begin_fit(self, defense, public_images: torch.Tensor) -> torch.Tensor:
         """The common start of ``fit``: validate the defense and the public faces, take the attacker's
