@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from ..models.blocks import resize  # noqa: F401  (re-exported: the attacks' resize is the models' one)
-from ..utils import HybridMaskInputError, Registry, check_images
+from ..utils import HybridMaskInputError, Registry, check_images, run_in_batches
 
 ATTACKS = Registry("attack")
 
@@ -284,12 +284,8 @@ def check_defense(defense) -> None:
 
 
 def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Apply ``fn`` to ``x`` in chunks and concatenate (no gradients)."""
-    outs = []
-    with torch.no_grad():
-        for i in range(0, x.shape[0], batch_size):
-            outs.append(fn(x[i:i + batch_size]))
-    return torch.cat(outs)
+    """Apply ``fn`` to ``x`` in chunks and concatenate (no gradients; results stay where ``fn`` puts them)."""
+    return run_in_batches(fn, x, batch_size, out_device=None)
 
 
 def differentiable_query(defense) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..utils import HybridMaskInputError, Registry, check_images
+from ..utils import HybridMaskInputError, Registry, check_images, run_in_batches
 
 METRICS = Registry("metric")
 
@@ -108,16 +108,15 @@ def embed(embedder: Callable, images: torch.Tensor, batch_size: int = 128) -> to
     check_images(images, "images to embed")
     if images.shape[0] == 0:
         raise HybridMaskInputError("no images to embed")
-    outs = []
-    with torch.no_grad():
-        for i in range(0, images.shape[0], batch_size):
-            e = embedder(images[i:i + batch_size].clamp(-1, 1))
-            if not isinstance(e, torch.Tensor):
-                e = torch.as_tensor(np.asarray(e))
-            if e.dim() != 2 or e.shape[0] != min(batch_size, images.shape[0] - i):
-                raise ValueError(f"embedder must return a (B, D) tensor, got shape {tuple(e.shape)}")
-            outs.append(e.detach().to("cpu", torch.float32))
-    e = torch.cat(outs)
+    def one(x: torch.Tensor) -> torch.Tensor:
+        e = embedder(x.clamp(-1, 1))
+        if not isinstance(e, torch.Tensor):
+            e = torch.as_tensor(np.asarray(e))
+        if e.dim() != 2 or e.shape[0] != x.shape[0]:
+            raise ValueError(f"embedder must return a (B, D) tensor, got shape {tuple(e.shape)}")
+        return e.detach().float()
+
+    e = run_in_batches(one, images, batch_size)
     if not torch.isfinite(e).all():
         raise ValueError("embedder returned NaN or infinite embeddings")
     return F.normalize(e, dim=1)

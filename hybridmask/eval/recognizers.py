@@ -6,14 +6,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
-
-def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"bad device {device!r}: {e}") from None
+from ..utils import resolve_device  # noqa: F401  (re-exported for callers of this module)
 
 
 def load_recognizer(spec: str, device: Union[str, torch.device, None] = "auto",

@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import copy
 import difflib
 import os
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any, Dict, Iterable, List, Optional, Union
 
 import yaml
 
-from ..utils import parse_key_value, read_yaml_mapping
+from ..utils import deep_merge, parse_key_value, read_yaml_mapping
 
 PathLike = Union[str, os.PathLike]
 
@@ -46,17 +45,6 @@ def _read_yaml(path: Path) -> Dict[str, Any]:
     return read_yaml_mapping(path, "config")
 
 
-def merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
-    """Recursive dict merge (``over`` wins; non-dict values, lists included, are replaced)."""
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
 def read_config_file(path: PathLike, _seen: Optional[List[Path]] = None) -> Dict[str, Any]:
     """Read a config file with its ``_base_`` chain resolved (no validation)."""
     path = Path(path).resolve()
@@ -72,8 +60,8 @@ def read_config_file(path: PathLike, _seen: Optional[List[Path]] = None) -> Dict
     for b in bases:
         if not isinstance(b, str):
             raise ValueError(f"{path}: _base_ must be a file name or a list of them, got {b!r}")
-        merged = merge(merged, read_config_file(path.parent / b, seen + [path]))
-    return merge(merged, data)
+        merged = deep_merge(merged, read_config_file(path.parent / b, seen + [path]))
+    return deep_merge(merged, data)
 
 
 def parse_override(text: str) -> tuple:
@@ -135,7 +123,7 @@ def load_config(path: PathLike, overrides: Iterable[str] = (), base: Optional[Pa
         schema = read_config_file(schema_path) if schema_path.is_file() else None
         if schema is not None:
             validate(cfg, schema)
-            cfg = merge(schema, cfg)
+            cfg = deep_merge(schema, cfg)
     cfg["_source_"] = str(Path(path))
     return cfg
 

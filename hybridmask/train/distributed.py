@@ -50,13 +50,6 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def local_device() -> torch.device:
-    """The device this process should use: ``cuda:LOCAL_RANK`` with CUDA, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
 def _comm_device(t: torch.Tensor) -> torch.device:
     return t.device if dist.get_backend() != "nccl" else torch.device("cuda", torch.cuda.current_device())
 

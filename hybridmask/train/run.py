@@ -21,21 +21,9 @@ from typing import Any, Dict
 import numpy as np
 import torch
 
-from ..utils import atomic_write
+from ..utils import atomic_write, resolve_device
 from . import distributed as D
 from .config import dump_config
-
-
-def _device(spec: str) -> torch.device:
-    spec = str(spec or "auto")
-    if spec == "auto":
-        return D.local_device()
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"run.device={spec} but CUDA is not available")
-    if dev.type == "cuda" and dev.index is None and D.is_dist():
-        dev = D.local_device()
-    return dev
 
 
 def make_optimizer(params, cfg: Dict[str, Any]) -> torch.optim.Optimizer:
@@ -104,7 +92,7 @@ def _run_hybridmask(cfg: Dict[str, Any]) -> Dict[str, Any]:
     D.init_distributed()
     rank, world, main = D.rank(), D.world_size(), D.is_main()
     torch.set_num_threads(int(run_cfg.get("threads") or 2))
-    device = _device(run_cfg.get("device"))
+    device = resolve_device(run_cfg.get("device"))
     progress = bool(run_cfg.get("progress", True))
     name = run_cfg.get("name") or Path(cfg.get("_source_", "run")).stem
     out_root = Path(os.path.expanduser(str(run_cfg.get("out_dir") or "outputs")))
