@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Figure for README: a real face, its DCT channels, the PPFR-FD zero-filled inverse and a k=4 mix.
+"""Figure of docs/masking.md: a real face, its DCT channels, the PPFR-FD zero-filled inverse and a k=4 mix.
 
     python scripts/make_masking_figure.py [--data DIR] [--out docs/masking.png]
 """
