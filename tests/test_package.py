@@ -1,12 +1,15 @@
-"""The package as a user meets it: ``python -m hybridmask`` and the README."""
+"""The package as a user meets it: ``python -m hybridmask``, the README and the docs pages."""
 import re
 import subprocess
 import sys
 from pathlib import Path
 from urllib.parse import unquote
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOCS = sorted((ROOT / "docs").rglob("*.md"))   # docs/*.md and the pages of its subfolders
 MAX_README_LINES = 300
 
 # [text](target) and ![alt](target), with an optional "title" after the target
@@ -40,6 +43,18 @@ def test_readme_relative_links_exist():
     assert targets, "README.md links no local file"
     missing = [t for t, p in targets if not (README.parent / p).exists()]
     assert not missing, f"README.md links files that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("page", DOCS, ids=[p.relative_to(ROOT / "docs").as_posix() for p in DOCS])
+def test_docs_relative_links_exist(page):
+    """Every relative link of every docs page resolves (relative to the page's own folder)."""
+    targets = list(_local_targets(page.read_text(encoding="utf-8")))
+    missing = [t for t, p in targets if not (page.parent / p).exists()]
+    assert not missing, f"{page.relative_to(ROOT)} links files that do not exist: {missing}"
+
+
+def test_docs_pages_are_found():
+    assert len(DOCS) >= 10 and (ROOT / "docs" / "DESIGN.md") in DOCS
 
 
 def test_link_pattern_finds_links_and_images():
