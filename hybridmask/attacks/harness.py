@@ -45,6 +45,36 @@ def image_scores(recon: torch.Tensor, original: torch.Tensor, victim_labels, gal
                           "identity_similarity": ids.tolist(), "rank": rid["ranks"]}}
 
 
+def mixed_scores(recon: torch.Tensor, record, victims: torch.Tensor, victim_labels, gallery_emb: torch.Tensor,
+                 gallery_labels, embedder: Callable) -> Dict:
+    """Scores of reconstructions of *mixed* releases (row b of ``recon`` attacks mix b of ``record``, a
+    :class:`~hybridmask.freq.MixRecord` whose indices point into ``victims``): ``rank1_dominant`` - the
+    nearest gallery identity is the identity with the largest weight in the mix; ``rank1_any`` - it is
+    any identity of the mix (weight > 0); SSIM / identity similarity against the dominant face."""
+    idx, w = record.indices.cpu(), record.weights.cpu()
+    if w.dim() == 3:                                       # per-channel weights: a face's mean weight
+        w = w.mean(dim=2)
+    if record.source != "batch" or idx.shape[0] != recon.shape[0]:
+        raise ValueError("mixed_scores needs a record of in-batch partners, one row per reconstruction")
+    labels = list(victim_labels)
+    dom = idx.gather(1, w.argmax(dim=1, keepdim=True)).squeeze(1)
+    er = embed(embedder, recon)
+    # the one re-identification code: once for the dominant identity, once per column of the mix
+    rid = reidentification(er, [labels[int(i)] for i in dom], gallery_emb, gallery_labels)
+    dominant = torch.tensor(rid["ranks"]) == 1
+    hits = torch.zeros(idx.shape[0], dtype=torch.bool)
+    for j in range(idx.shape[1]):
+        rid = reidentification(er, [labels[int(i)] for i in idx[:, j]], gallery_emb, gallery_labels)
+        hits |= (torch.tensor(rid["ranks"]) == 1) & (w[:, j] > 0)       # padding columns have weight 0
+    s = ssim(recon, victims[dom])
+    ids = identity_similarity(er, embed(embedder, victims[dom]))
+    return {"rank1_dominant": float(dominant.double().mean()), "rank1_any": float(hits.double().mean()),
+            "ssim_dominant": summarize(s), "identity_similarity_dominant": summarize(ids),
+            "k": summarize(record.k.cpu().double().numpy()),
+            "per_image": {"dominant_hit": dominant.tolist(), "any_hit": hits.tolist(), "dominant": dom.tolist(),
+                          "ssim_dominant": s.tolist()}}
+
+
 def baseline_scores(data, embedder: Callable, gallery_emb: torch.Tensor, original_emb: torch.Tensor,
                     seed: int = 0) -> Dict:
     """Reference levels: the original itself (upper bound) and a different person's face (lower bound)."""
@@ -98,6 +128,10 @@ def evaluate_defense(defense, attacks: Mapping[str, Attack], data, embedder: Opt
         recon = attack.invert(obs)
         check_faces(recon, f"{name} reconstructions")
         sc = image_scores(recon, data.victims, data.victim_labels, gallery_emb, data.gallery_labels, embedder, orig_emb)
+        record = obs.get("record") if isinstance(obs, dict) else None
+        if record is not None and int(record.k.max()) > 1:   # a mixed release: who is in each mix
+            sc["mixed"] = mixed_scores(recon, record, data.victims, data.victim_labels, gallery_emb,
+                                       data.gallery_labels, embedder)
         s = s_scores(_mean(mv["ssim"]), _mean(mv["identity_similarity"]), _mean(sc["ssim"]),
                      _mean(sc["identity_similarity"]))
         sc.update(s)
