@@ -11,13 +11,13 @@ The file is checked before it is copied (it must load with ``load_policy``, i.e.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from pathlib import Path
 
 from hybridmask.defenses import load_policy
 from hybridmask.train.card import policy_card, read_run_results, run_k_hist
 from hybridmask.utils import atomic_write, safe_torch_load
+from hybridmask.utils.io import write_manifest_entry
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ def publish(run, to=None, name=None) -> dict:
     dst, card = to / f"{name}.pt", to / f"{name}.md"
     with atomic_write(dst, "wb") as f:
         f.write(blob)
-    digest = hashlib.sha256(blob).hexdigest()
+    digest = write_manifest_entry(dst)   # policies/SHA256SUMS: loading verifies it
     try:
         shown = dst.resolve().relative_to(ROOT)
     except ValueError:

@@ -101,7 +101,7 @@ class CheckpointMixin:
             path = self.ckpt_dir / "last.pt"
         path = Path(path)
         if self.main:
-            atomic_save(state, path)
+            atomic_save(state, path, private=True)   # it holds the masking secrets
         D.barrier()
         return path if self.main else None
 

@@ -28,6 +28,25 @@ FREE_FORM = ("defense.args", "model.args")
 
 _PKG_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
+#: types of keys whose default is null (the others take the type of their default in base.yaml)
+NULLABLE = {"run.name": str, "run.mask_seed": int, "run.resume": str, "data.train": str, "data.max_identities": int,
+            "head.m": float, "optim.grad_clip": float, "train.steps": int, "eval.data_root": str,
+            "eval.final_pairs": int, "policy.grad_clip": float}
+#: inclusive (low, high) ranges of numeric keys (None: open)
+RANGES = {"run.threads": (1, None), "data.batch_size": (1, None), "data.min_images": (1, None),
+          "data.max_identities": (1, None), "data.holdout_per_identity": (0, None), "data.holdout_identities": (0, None),
+          "data.num_workers": (0, None), "data.synthetic.identities": (2, None),
+          "data.synthetic.images_per_identity": (1, None), "data.synthetic.size": (8, None),
+          "model.embedding_size": (1, None), "model.dropout": (0.0, 1.0), "head.s": (0.0, None),
+          "optim.lr": (0.0, None), "optim.momentum": (0.0, 1.0), "optim.weight_decay": (0.0, None),
+          "optim.warmup_steps": (0, None), "optim.grad_clip": (0.0, None), "optim.defense_lr": (0.0, None),
+          "train.steps": (0, None), "train.epochs": (0, None), "train.n_fr": (1, None), "train.n_pi": (0, None),
+          "train.log_every": (0, None), "train.utility_every": (0, None), "train.ckpt_every": (0, None),
+          "train.privacy_weight": (0.0, None), "policy.hidden": (1, None), "policy.lr": (0.0, None),
+          "policy.k": (1, None), "policy.ema": (0.0, 1.0), "policy.entropy_coef": (0.0, None),
+          "reward.utility_target": (0.0, 1.0), "reward.mu_max": (0.0, None), "reward.momentum": (0.0, 1.0),
+          "eval.pairs": (1, None), "eval.every": (0, None), "eval.final_pairs": (1, None), "eval.batch_size": (1, 128)}
+
 
 class ConfigKeyError(KeyError):
     """An unknown config key (a ``KeyError`` whose message prints without quotes)."""
@@ -101,10 +120,40 @@ def validate(cfg: Dict[str, Any], schema: Dict[str, Any], prefix: str = "") -> N
             where = f"section {prefix[:-1]!r}" if prefix else "the top level"
             raise ConfigKeyError(f"unknown config key {dotted!r}{hint}; known keys in {where}: "
                            f"{', '.join(str(x) for x in known)}")
+        if isinstance(schema[k], dict) and v is not None and not isinstance(v, dict) and not _free(dotted):
+            raise ValueError(f"config section {dotted!r} must be a mapping of keys, got {v!r}")
         if isinstance(v, dict) and isinstance(schema[k], dict):
             validate(v, schema[k], dotted + ".")
         elif isinstance(v, dict) and schema[k] is not None and not _free(dotted):
             raise ValueError(f"config key {dotted!r} must be a {type(schema[k]).__name__}, got a mapping")
+        else:
+            check_value(dotted, v, schema[k])
+
+
+def check_value(key: str, value: Any, default: Any) -> None:
+    """Refuse a value of the wrong type (``batch_size: 3.7``, ``epochs: true``, ``steps: abc``) or out of
+    range, naming the key. The type is the default's (``NULLABLE`` for keys whose default is null)."""
+    if value is None or isinstance(default, dict):
+        return
+    want = NULLABLE.get(key, type(default) if default is not None else None)
+    if want is None:
+        return
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str),
+          list: lambda v: isinstance(v, list)}.get(want, lambda v: True)
+    if key == "run.resume" and isinstance(value, (str, os.PathLike)):
+        return
+    if key == "reward.cost" and isinstance(value, (str, list)):
+        return
+    if not ok(value):
+        name = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}[want]
+        raise ValueError(f"config key {key!r} must be {name}, got {value!r}")
+    lo, hi = RANGES.get(key, (None, None))
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError(f"config key {key!r} must be in [{'-inf' if lo is None else lo}, "
+                         f"{'inf' if hi is None else hi}], got {value!r}")
 
 
 def load_config(path: PathLike, overrides: Iterable[str] = (), base: Optional[PathLike] = None,

@@ -16,12 +16,12 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
 
-from ..utils import atomic_write, resolve_device
+from ..utils import FolderLock, atomic_write, read_yaml_mapping, remove_stale_temporaries, resolve_device
 from . import distributed as D
 from .config import dump_config
 
@@ -75,6 +75,59 @@ def build_policy(policy_cfg: Dict[str, Any], seed: int):
 
 
 def _run_hybridmask(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    t_start = time.time()
+    run_cfg = cfg["run"]
+    D.init_distributed()
+    rank, world, main = D.rank(), D.world_size(), D.is_main()
+    torch.set_num_threads(int(run_cfg.get("threads") or 2))
+    device = resolve_device(run_cfg.get("device"))
+    progress = bool(run_cfg.get("progress", True))
+    name = run_cfg.get("name") or Path(cfg.get("_source_", "run")).stem
+    out_root = Path(os.path.expanduser(str(run_cfg.get("out_dir") or "outputs")))
+    out = out_root / str(name)
+    seed = int(run_cfg.get("seed") or 0)
+    lock = FolderLock(out, "training run").acquire() if main else None   # one writer per run folder
+    try:
+        return _train_in(out, out_root, name, cfg, t_start, device, progress, seed, rank, world, main)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+#: config keys a resumed run may change: they do not change what is trained
+RESUME_FREE = ("run.resume", "run.progress", "run.threads", "run.device", "run.allow_config_change",
+               "data.num_workers", "data.cache", "train.log_every", "train.ckpt_every", "eval.")
+
+
+def config_changes(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> list:
+    """``["key: old -> new", ...]`` for every key whose value differs, apart from ``RESUME_FREE``."""
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        key = f"{prefix}{k}"
+        if key.startswith("_") or any(key == f or (f.endswith(".") and key.startswith(f)) for f in RESUME_FREE):
+            continue
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, key + ".")
+        elif a != b:
+            out.append(f"{key}: {a!r} -> {b!r}")
+    return out
+
+
+def _resume_point(out: Path, run_cfg: Dict[str, Any]) -> Optional[Path]:
+    resume = run_cfg.get("resume")
+    if resume == "auto":
+        return out / "ckpt" / "last.pt" if (out / "ckpt" / "last.pt").is_file() else None
+    if resume:
+        ckpt = Path(os.path.expanduser(str(resume)))
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"run.resume checkpoint not found: {ckpt}")
+        return ckpt
+    return None
+
+
+def _train_in(out: Path, out_root: Path, name: str, cfg: Dict[str, Any], t_start: float, device, progress: bool,
+              seed: int, rank: int, world: int, main: bool) -> Dict[str, Any]:
     from ..defenses.adaptive import save_policy
     from ..defenses.io import build_defense, defense_record
     from ..models import create_head, create_model, save_model
@@ -85,21 +138,20 @@ def _run_hybridmask(cfg: Dict[str, Any]) -> Dict[str, Any]:
     from .evaluation import brief, build_sets, make_eval_fn, verify
     from .trainer import AlternatingTrainer, DefenseOptim, PolicySetup, TrainOptions
 
-    t_start = time.time()
     run_cfg, data_cfg, model_cfg, train_cfg, policy_cfg, eval_cfg = (
         cfg[k] for k in ("run", "data", "model", "train", "policy", "eval"))
     optim_cfg = cfg["optim"]
-    D.init_distributed()
-    rank, world, main = D.rank(), D.world_size(), D.is_main()
-    torch.set_num_threads(int(run_cfg.get("threads") or 2))
-    device = resolve_device(run_cfg.get("device"))
-    progress = bool(run_cfg.get("progress", True))
-    name = run_cfg.get("name") or Path(cfg.get("_source_", "run")).stem
-    out_root = Path(os.path.expanduser(str(run_cfg.get("out_dir") or "outputs")))
-    out = out_root / str(name)
-    seed = int(run_cfg.get("seed") or 0)
+    ckpt = _resume_point(out, run_cfg)
+    changes: list = []
     if main:
-        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out, older_than=None, recursive=True)   # leftovers of a killed write
+        plain = {k: v for k, v in cfg.items() if k != "_source_"}
+        if ckpt is not None and (out / "config.yaml").is_file():
+            changes = config_changes(read_yaml_mapping(out / "config.yaml", "run config"), plain)
+            if changes and not run_cfg.get("allow_config_change"):
+                raise ValueError(f"{out}: resuming a run trained with another config ({'; '.join(changes)}); "
+                                 f"use another run.name, run.resume=null to start afresh, or "
+                                 f"run.allow_config_change=true to continue and record the change")
         with atomic_write(out / "config.yaml", "w") as f:
             f.write(dump_config(cfg))
 
@@ -172,14 +224,6 @@ def _run_hybridmask(cfg: Dict[str, Any]) -> Dict[str, Any]:
                            total_steps=total)
     trainer = AlternatingTrainer(model, head, optimizer, train_set, defense, scheduler=scheduler, policy=policy_setup,
                                  defense_optim=defense_optim, callbacks=callbacks, options=options)
-    resume = run_cfg.get("resume")
-    ckpt = None
-    if resume == "auto":
-        ckpt = out / "ckpt" / "last.pt" if (out / "ckpt" / "last.pt").is_file() else None
-    elif resume:
-        ckpt = Path(os.path.expanduser(str(resume)))
-        if not ckpt.is_file():
-            raise FileNotFoundError(f"run.resume checkpoint not found: {ckpt}")
     if ckpt is not None:
         trainer.load_checkpoint(ckpt)
         if main and progress:
@@ -221,6 +265,8 @@ def _run_hybridmask(cfg: Dict[str, Any]) -> Dict[str, Any]:
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "mask_seed": "secure (OS)" if mask_seed_cfg is None else int(mask_seed_cfg), "paths": paths,
         }
+        if changes:   # run.allow_config_change: the model was trained partly under the earlier config
+            results["config_changes_on_resume"] = changes
         if learned:
             results["defense_stats"] = _plain(defense.train_stats())
         if policy is not None and policy.trainable:

@@ -141,11 +141,47 @@ def atomic_save(obj: Any, path: PathLike, private: bool = False) -> None:
         torch.save(obj, f)
 
 
+MANIFEST = "SHA256SUMS"
+
+
+def verify_manifest(path: PathLike) -> None:
+    """When the folder of ``path`` has a ``SHA256SUMS`` manifest (``sha256sum`` format) that lists the
+    file, refuse a file whose SHA-256 differs (published artifacts such as ``policies/*.pt``: a flipped
+    byte must not load as other weights)."""
+    path = Path(path)
+    manifest = path.parent / MANIFEST
+    if not manifest.is_file():
+        return
+    for line in manifest.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("*") == path.name:
+            got = file_sha256(path)
+            if got != parts[0].lower():
+                raise ValueError(f"{path} does not match its SHA-256 in {manifest} (expected {parts[0][:16]}..., got "
+                                 f"{got[:16]}...): the file is corrupted or was changed; restore the published file")
+            return
+
+
+def write_manifest_entry(path: PathLike) -> str:
+    """Record ``path``'s SHA-256 in its folder's ``SHA256SUMS`` (replacing an earlier line); returns the hex."""
+    path = Path(path)
+    digest = file_sha256(path)
+    manifest = path.parent / MANIFEST
+    lines = [ln for ln in (manifest.read_text().splitlines() if manifest.is_file() else [])
+             if ln.split() and ln.split()[-1].lstrip("*") != path.name]
+    lines.append(f"{digest}  {path.name}")
+    with atomic_write(manifest, "w") as f:
+        f.write("\n".join(sorted(lines, key=lambda ln: ln.split()[-1])) + "\n")
+    return digest
+
+
 def safe_torch_load(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Any:
-    """``torch.load(..., weights_only=True)`` with clear errors for missing or corrupt files."""
+    """``torch.load(..., weights_only=True)`` with clear errors for missing or corrupt files (and for files
+    whose folder's ``SHA256SUMS`` says otherwise, :func:`verify_manifest`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    verify_manifest(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # corrupt, truncated, not a torch file, or objects a weights-only load refuses
@@ -214,3 +250,54 @@ def parse_key_value(text: str, what: str = "override", example: str = "key=value
     except yaml.YAMLError as e:
         raise ValueError(f"{what} {text!r}: cannot parse the value: {e}") from None
     return key, value
+
+
+class FolderBusyError(ValueError):
+    """Another live process holds the folder's lock."""
+
+
+class FolderLock:
+    """An exclusive lock on a folder (``<folder>/.lock``), held while a run writes there: a second
+    process gets :class:`FolderBusyError` naming the holder. The lock is an OS file lock (``flock``), so
+    a killed holder releases it at once; the file keeps the last holder's pid, host and start time.
+
+        with FolderLock(run_dir, what="training run"):
+            ...
+    """
+
+    def __init__(self, folder: PathLike, what: str = "folder"):
+        self.folder, self.what = Path(folder), what
+        self.path = self.folder / ".lock"
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> "FolderLock":
+        import fcntl
+        import socket
+        import time
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise FolderBusyError(f"{self.what} folder {self.folder} is in use by {holder}; wait for it to finish, "
+                                  f"or choose another folder (e.g. another run.name)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            import fcntl
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
