@@ -19,7 +19,7 @@ def test_neighbour_mix_is_inverted_exactly():
     g = torch.Generator().manual_seed(0)
     z = torch.randn(3, 189, 14, 14, generator=g, dtype=torch.float64)
     torch.testing.assert_close(unmix_neighbour(neighbour_mix(z)), z, rtol=0, atol=1e-10)
-    d = create_defense("ppfrfd", shuffle="none", seed=0)     # the library's own mix is the same map
+    d = create_defense("ppfrfd", shuffle="none", mix="neighbour", seed=0)   # the library's own mix is the same map
     x = torch.rand(2, 3, 112, 112, generator=g) * 2 - 1
     planes = BlockDCT(1)(x)[:, list(d.structure().kept)]
     torch.testing.assert_close(unmix_neighbour(d.query(x).double()), planes.double(), rtol=0, atol=1e-5)

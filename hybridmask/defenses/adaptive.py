@@ -26,7 +26,7 @@ import torch
 from ..utils import atomic_save, safe_torch_load
 from ..utils.rng import SeedLike
 from ..freq import Draw
-from .base import MaskDefense, register_defense
+from .base import MaskDefense, default_mix, register_defense
 
 POLICY_FORMAT = "hybridmask.policy"
 POLICY_FORMAT_VERSION = 1
@@ -121,13 +121,14 @@ class AdaptiveMask(MaskDefense):
     def __init__(self, policy=None, policy_path: Optional[str] = None, policy_config: Optional[Dict[str, Any]] = None,
                  k_values: Sequence[int] = (2, 3, 4, 5, 6), greedy: bool = False,
                  running_loss: Optional[float] = None, progress: Optional[float] = None,
-                 u: int = 1, drop="dc", shuffle: str = "sample", mix: str = "neighbour", weights: str = "instahide",
+                 u: int = 1, drop="dc", shuffle: str = "sample", mix: Optional[str] = None, weights: str = "instahide",
                  max_weight: float = 0.65, granularity: str = "image", order: str = "mask_mix",
                  seed: SeedLike = None, policy_seed: SeedLike = None):
         from ..policy import UniformPolicy, create_policy
         if policy_seed is None and isinstance(seed, int):   # a seeded (test) defense samples its k reproducibly too
             policy_seed = seed + 1
-        mask_args = dict(u=u, drop=drop, shuffle=shuffle, mix=mix, weights=weights, max_weight=max_weight,
+        mask_args = dict(u=u, drop=drop, shuffle=shuffle, mix=default_mix(shuffle, mix), weights=weights,
+                         max_weight=max_weight,
                          granularity=granularity, order=order)
         super().__init__({}, seed=seed, k=1, **mask_args)
         ctx = {"running_loss": 0.0, "progress": 1.0}

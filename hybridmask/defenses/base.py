@@ -241,6 +241,14 @@ class NoDefense(Defense):
         return released
 
 
+def default_mix(shuffle: str, mix: Optional[str]) -> str:
+    """PPFR-FD's neighbour mix is public and invertible: it only makes sense after a secret shuffle. The
+    default (``mix=None``) is ``"neighbour"`` with a shuffle and ``"none"`` without one."""
+    if mix is not None:
+        return mix
+    return "none" if shuffle == "none" else "neighbour"
+
+
 class MaskDefense(Defense):
     """A defense built on :class:`~hybridmask.freq.HybridMask` (BDCT -> PPFR-FD -> MixUp)."""
     input_kind = "freq"
@@ -313,11 +321,13 @@ class FrequencyOnly(MaskDefense):
 
 @register_defense("ppfrfd")
 class PPFRFDDefense(MaskDefense):
-    """PPFR-FD: DC dropped, keyed shuffle-and-mix, no MixUp."""
+    """PPFR-FD: DC dropped, a secret channel shuffle (per query, or one client key), then the public
+    neighbour mix (invertible: it adds no secrecy, see docs/threat_model.md), no MixUp."""
     name = "ppfrfd"
 
-    def __init__(self, u: int = 1, drop="dc", shuffle: str = "sample", mix: str = "neighbour", seed: SeedLike = None):
-        own = dict(u=u, drop=drop, shuffle=shuffle, mix=mix)
+    def __init__(self, u: int = 1, drop="dc", shuffle: str = "sample", mix: Optional[str] = None,
+                 seed: SeedLike = None):
+        own = dict(u=u, drop=drop, shuffle=shuffle, mix=default_mix(shuffle, mix))
         super().__init__(own, seed=seed, **own, k=1)
 
 
@@ -327,12 +337,12 @@ class FixedKMixUp(MaskDefense):
     name = "freq_mixup"
     mixes = True
 
-    def __init__(self, k: int = 4, u: int = 1, drop="dc", shuffle: str = "sample", mix: str = "neighbour",
+    def __init__(self, k: int = 4, u: int = 1, drop="dc", shuffle: str = "sample", mix: Optional[str] = None,
                  weights: str = "instahide", max_weight: float = 0.65, granularity: str = "image",
                  order: str = "mask_mix", seed: SeedLike = None):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
-        own = dict(k=k, u=u, drop=drop, shuffle=shuffle, mix=mix, weights=weights, max_weight=max_weight,
+        own = dict(k=k, u=u, drop=drop, shuffle=shuffle, mix=default_mix(shuffle, mix), weights=weights, max_weight=max_weight,
                    granularity=granularity, order=order)
         super().__init__(own, seed=seed, **own)
 
