@@ -53,13 +53,15 @@ class PlaneClassifier(nn.Module):
         return F.log_softmax(self.net((feats - self.mu) / self.sd), dim=-1)
 
 
-def fit_plane_classifier(planes: torch.Tensor, epochs: int = 30, batch_size: int = 4096, lr: float = 3e-3,
-                         hidden: int = 256, generator: Optional[torch.Generator] = None) -> PlaneClassifier:
-    """Train on the attacker's own (B, C, h, w) planes in their true order (plane i is channel i)."""
+def fit_plane_classifier(planes: torch.Tensor, labels: Optional[torch.Tensor] = None, epochs: int = 30,
+                         batch_size: int = 4096, lr: float = 3e-3, hidden: int = 256,
+                         generator: Optional[torch.Generator] = None) -> PlaneClassifier:
+    """Train on the attacker's own (B, C, h, w) planes. ``labels`` (B, C): the channel each plane is (None:
+    the planes are in their true order, plane i is channel i)."""
     feats = plane_features(planes)                                            # (B, C, F)
     b, c, nf = feats.shape
     xs = feats.reshape(b * c, nf)
-    ys = torch.arange(c).repeat(b)
+    ys = torch.arange(c).repeat(b) if labels is None else labels.reshape(-1).long()
     model = PlaneClassifier(nf, c, hidden)
     model.mu.copy_(xs.mean(0))
     model.sd.copy_(xs.std(0).clamp_min(1e-6))

@@ -52,16 +52,15 @@ each release; :attr:`last_faces` holds all separated faces.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import algebra
-from .assignment import PlaneClassifier, plane_features, slot_log_probs
-from .base import FACE_SIZE, Attack, Param, batched, check_defense, check_faces, iterate_minibatches, register_attack
-from .nets import UNetGenerator
+from .assignment import PlaneClassifier, fit_plane_classifier, slot_log_probs
+from .base import Attack, Param, batched, check_defense, check_faces, register_attack
+from .refine import Refiner
 
 #: the lowest AC channels of Y (index in the 8x8 block) whose slot counts estimate k
 LOW_AC = (1, 8, 9, 2, 16)
@@ -150,11 +149,10 @@ class SeparationAttack(Attack):
         st = defense.structure()
         if st.transform != "bdct":
             return f"needs a block-DCT release (the defense's transform is {st.transform!r})"
-        cfg = getattr(defense, "config", {}) or {}
-        if cfg.get("order", "mask_mix") != "mask_mix":
-            return f"needs order='mask_mix' (each face shuffled before mixing), got {cfg.get('order')!r}"
-        if cfg.get("granularity", "image") != "image":
-            return f"needs one weight per face (granularity='image'), got {cfg.get('granularity')!r}"
+        if st.mix_order != "mask_mix":
+            return f"needs order='mask_mix' (each face shuffled before mixing), got {st.mix_order!r}"
+        if st.weight_granularity != "image":
+            return f"needs one weight per face (granularity='image'), got {st.weight_granularity!r}"
         if st.channel_mix not in ("neighbour", "none"):
             return f"cannot invert the channel mix {st.channel_mix!r}"
         return None
@@ -197,29 +195,9 @@ class SeparationAttack(Attack):
         return released.double()
 
     def _fit_classifier(self, planes: torch.Tensor, labels: torch.Tensor) -> PlaneClassifier:
-        p = self.params
-        feats = plane_features(planes)
-        b, c, nf = feats.shape
-        xs, ys = feats.reshape(b * c, nf), labels.reshape(-1)
         with self.seeded():
-            model = PlaneClassifier(nf, c, p["classifier_hidden"])
-        model.mu.copy_(xs.mean(0))
-        model.sd.copy_(xs.std(0).clamp_min(1e-6))
-        opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-5)
-        bs = 4096
-        steps = max(1, p["classifier_epochs"] * ((b * c + bs - 1) // bs))
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-        model.train()
-        for _ in range(p["classifier_epochs"]):
-            perm = torch.randperm(b * c, generator=self.generator)
-            for i in range(0, b * c, bs):
-                idx = perm[i:i + bs]
-                loss = F.nll_loss(model(xs[idx]), ys[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-        return model.eval()
+            return fit_plane_classifier(planes, labels, epochs=self.params["classifier_epochs"],
+                                        hidden=self.params["classifier_hidden"], generator=self.generator)
 
     # ---- fit -------------------------------------------------------------------------------------
     def fit(self, defense, public_images, public_labels=None):
@@ -251,7 +229,7 @@ class SeparationAttack(Attack):
     def _k_range(self) -> Tuple[int, int]:
         if not self.per_face_k:
             return (self.k_public, self.k_public)
-        ks = [int(v) for v in getattr(getattr(self.defense, "policy", None), "k_values", (2, self.k_public)) if v > 1]
+        ks = [int(v) for v in self.structure.k_values if v > 1] or [2, self.k_public]
         return (min(ks), max(ks))
 
     def _low_counts(self, planes: torch.Tensor) -> torch.Tensor:
@@ -286,26 +264,9 @@ class SeparationAttack(Attack):
     def _fit_refiner(self, imgs: torch.Tensor, planes: torch.Tensor, owners: torch.Tensor) -> None:
         p = self.params
         rough, group_owner = self._separate(planes, own_owners=owners)
-        target = imgs[group_owner]
         with self.seeded():
-            self.refiner = UNetGenerator(3, FACE_SIZE, size=FACE_SIZE, width=p["refine_width"], depth=4).to(self.device)
-        opt = torch.optim.Adam(self.refiner.parameters(), lr=p["lr"], betas=(0.9, 0.999))
-        n = rough.shape[0]
-        steps = p["refine_epochs"] * max(1, n // p["batch_size"])
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-        self.refiner.train()
-        for _ in range(p["refine_epochs"]):
-            for idx in iterate_minibatches(n, p["batch_size"], self.generator):
-                x, y = rough[idx].to(self.device), target[idx].to(self.device)
-                loss = F.l1_loss(self._refine(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-        self.refiner.eval()
-
-    def _refine(self, rough: torch.Tensor) -> torch.Tensor:
-        return (rough + self.refiner(rough)).clamp(-1, 1)
+            self.refiner = Refiner(p["refine_width"], self.device)
+        self.refiner.fit(rough, imgs[group_owner], p["refine_epochs"], p["batch_size"], p["lr"], self.generator)
 
     # ---- the pipeline ----------------------------------------------------------------------------
     def _ks(self, planes: torch.Tensor) -> torch.Tensor:
@@ -388,10 +349,7 @@ class SeparationAttack(Attack):
                              f"got {tuple(released.shape)}")
         dom, faces = self._separate(self._planes(released))
         self.last_faces = faces
-        if self.refiner is None:
-            return dom.cpu()
-        with torch.no_grad():
-            return batched(lambda r: self._refine(r.to(self.device)), dom).cpu()
+        return dom.cpu() if self.refiner is None else self.refiner(dom)
 
     def report(self) -> Dict[str, Any]:
         return {"k": self.params["k"] if self.params["k"] is not None else

@@ -29,12 +29,11 @@ from __future__ import annotations
 from typing import Any, Dict, Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import algebra
 from .assignment import assign, fit_plane_classifier, slot_log_probs, unshuffle
-from .base import FACE_SIZE, Attack, Param, batched, check_defense, check_faces, iterate_minibatches, register_attack
-from .nets import UNetGenerator
+from .base import Attack, Param, batched, check_defense, check_faces, register_attack
+from .refine import Refiner
 
 
 @register_attack("structure")
@@ -104,23 +103,8 @@ class StructureAttack(Attack):
         with torch.no_grad():   # the attacker's own releases (its own secrets) through steps 1-4
             rough = self._reconstruct(batched(self.defense.query, imgs), own=True)
         with self.seeded():
-            self.refiner = UNetGenerator(3, FACE_SIZE, size=FACE_SIZE, width=p["refine_width"], depth=4).to(self.device)
-        opt = torch.optim.Adam(self.refiner.parameters(), lr=p["lr"], betas=(0.9, 0.999))
-        steps = p["refine_epochs"] * max(1, imgs.shape[0] // p["batch_size"])
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-        self.refiner.train()
-        for _ in range(p["refine_epochs"]):
-            for idx in iterate_minibatches(imgs.shape[0], p["batch_size"], self.generator):
-                x, y = rough[idx].to(self.device), imgs[idx].to(self.device)
-                loss = F.l1_loss(self._refine(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-        self.refiner.eval()
-
-    def _refine(self, rough: torch.Tensor) -> torch.Tensor:
-        return (rough + self.refiner(rough)).clamp(-1, 1)
+            self.refiner = Refiner(p["refine_width"], self.device)
+        self.refiner.fit(rough, imgs, p["refine_epochs"], p["batch_size"], p["lr"], self.generator)
 
     # ---- the pipeline ----------------------------------------------------------------------------
     def _planes(self, released: torch.Tensor) -> torch.Tensor:
@@ -179,10 +163,7 @@ class StructureAttack(Attack):
         if q.dim() != 4 or q.shape[1] != len(self.kept):
             raise ValueError(f"attack 'structure' expects (B, {len(self.kept)}, g, g) queries, got {tuple(q.shape)}")
         rough = self._reconstruct(q, traffic=observation.get("traffic"))
-        if self.refiner is None:
-            return rough.cpu()
-        with torch.no_grad():
-            return batched(lambda r: self._refine(r.to(self.device)), rough).cpu()
+        return rough.cpu() if self.refiner is None else self.refiner(rough)
 
     def score_assignment(self, true_perm: torch.Tensor, released: torch.Tensor) -> Dict[str, float]:
         """Fraction of slots and of AC energy placed at the right channel, given the victims' true

@@ -156,7 +156,7 @@ class AdaptiveMask(MaskDefense):
 
     def structure(self):
         from dataclasses import replace
-        return replace(super().structure(), k=None)
+        return replace(super().structure(), k=None, k_values=tuple(int(k) for k in self.policy.k_values))
 
     def needs_state(self) -> bool:
         return bool(getattr(self.policy, "trainable", False))

@@ -58,6 +58,9 @@ class Structure:
     sign_flip:   a fresh secret sign per released value (InstaHide).
     noise:       additive secret noise (``"laplace"``) or ``"none"``.
     k:           the fixed number of faces a training release mixes (None: chosen per face).
+    k_values:    the numbers of faces a training release may mix.
+    mix_order:   ``"mask_mix"`` (each face shuffled, then mixed) or ``"mix_mask"``; None without MixUp.
+    weight_granularity: one MixUp weight per face (``"image"``), per band or per channel.
     """
     transform: str = "identity"
     bdct: Optional[nn.Module] = None
@@ -67,6 +70,9 @@ class Structure:
     sign_flip: bool = False
     noise: str = "none"
     k: Optional[int] = 1
+    k_values: Tuple[int, ...] = (1,)
+    mix_order: Optional[str] = None
+    weight_granularity: str = "image"
 INPUT_KINDS = ("pixel", "freq", "feature")
 
 
@@ -275,7 +281,8 @@ class MaskDefense(Defense):
         m = self.mask
         return Structure(transform="bdct", bdct=m.bdct, kept=tuple(m.kept), shuffle=m.ppfrfd.shuffle,
                          channel_mix=m.ppfrfd.mix, k=self.max_k if isinstance(m.mixup.k, int) or not self.mixes
-                         else None)
+                         else None, k_values=(self.max_k,), mix_order=m.order if self.mixes else None,
+                         weight_granularity=m.mixup.granularity)
 
     def draw(self, images, k=None):
         """Per-face secrets, and a MixUp unless every face is released alone (``k=1``: the query, or the
@@ -368,7 +375,7 @@ class InstaHide(Defense):
         return self.k
 
     def structure(self) -> Structure:
-        return Structure(transform="identity", sign_flip=True, k=self.k)
+        return Structure(transform="identity", sign_flip=True, k=self.k, k_values=(self.k,), mix_order="mix_mask")
 
     def _signs(self, shape) -> torch.Tensor:
         return torch.randint(0, 2, shape, generator=self.generator, dtype=torch.int8)
