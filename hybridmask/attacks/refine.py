@@ -7,8 +7,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import FACE_SIZE, batched, iterate_minibatches
+from .base import FACE_SIZE, Param, batched, iterate_minibatches
 from .nets import UNetGenerator
+
+#: the parameters every structure-aware reconstruction declares: dropped-DC handling and the refinement
+RECONSTRUCTION_PARAMS = (
+    Param("dc", str, "solve", choices=("solve", "prior", "zero"),
+          doc="dropped block means: solved from edge continuity, the attacker's average, or zero"),
+    Param("refine_epochs", int, 0, range=(0, 1000), doc="epochs of the refinement U-Net (0: none)"),
+    Param("refine_width", int, 16, range=(4, 256), doc="base width of the refinement U-Net"),
+    Param("batch_size", int, 32, range=(2, 4096), doc="refinement mini-batch size"),
+    Param("lr", float, 1e-3, range=(1e-7, 1.0), doc="refinement learning rate (Adam)"),
+)
 
 
 class Refiner:
@@ -39,4 +49,4 @@ class Refiner:
         return batched(lambda r: self._forward(r.to(self.device)), rough).cpu()
 
 
-__all__ = ["Refiner"]
+__all__ = ["Refiner", "RECONSTRUCTION_PARAMS"]

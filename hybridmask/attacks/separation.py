@@ -60,7 +60,7 @@ import torch
 from . import algebra
 from .assignment import PlaneClassifier, fit_plane_classifier, slot_log_probs
 from .base import Attack, Param, batched, check_defense, check_faces, register_attack
-from .refine import Refiner
+from .refine import RECONSTRUCTION_PARAMS, Refiner
 
 #: the lowest AC channels of Y (index in the 8x8 block) whose slot counts estimate k
 LOW_AC = (1, 8, 9, 2, 16)
@@ -133,13 +133,7 @@ class SeparationAttack(Attack):
         Param("restarts", int, 8, range=(1, 1000), doc="k-means restarts of the initial face templates"),
         Param("scale", str, "weight", choices=("weight", "none"),
               doc="weight: divide each separated face by its estimated mixing weight; none: keep the mixed scale"),
-        Param("dc", str, "solve", choices=("solve", "prior", "zero"),
-              doc="dropped block means: solved from edge continuity, the attacker's average, or zero"),
-        Param("refine_epochs", int, 0, range=(0, 1000), doc="epochs of the refinement U-Net (0: none)"),
-        Param("refine_width", int, 16, range=(4, 256), doc="base width of the refinement U-Net"),
-        Param("batch_size", int, 32, range=(2, 4096), doc="refinement mini-batch size"),
-        Param("lr", float, 1e-3, range=(1e-7, 1.0), doc="refinement learning rate (Adam)"),
-    )
+    ) + RECONSTRUCTION_PARAMS
 
     @classmethod
     def applicable(cls, defense) -> Optional[str]:

@@ -33,7 +33,7 @@ import torch
 from . import algebra
 from .assignment import assign, fit_plane_classifier, slot_log_probs, unshuffle
 from .base import Attack, Param, batched, check_defense, check_faces, register_attack
-from .refine import Refiner
+from .refine import RECONSTRUCTION_PARAMS, Refiner
 
 
 @register_attack("structure")
@@ -51,13 +51,7 @@ class StructureAttack(Attack):
               doc="other queries of the same client the attacker sees (client-key assignment only)"),
         Param("classifier_epochs", int, 8, range=(1, 1000), doc="epochs of the plane classifier"),
         Param("classifier_hidden", int, 256, range=(8, 4096), doc="hidden width of the plane classifier"),
-        Param("dc", str, "solve", choices=("solve", "prior", "zero"),
-              doc="dropped block means: solved from edge continuity, the attacker's average, or zero"),
-        Param("refine_epochs", int, 0, range=(0, 1000), doc="epochs of the refinement U-Net (0: none)"),
-        Param("refine_width", int, 16, range=(4, 256), doc="base width of the refinement U-Net"),
-        Param("batch_size", int, 32, range=(2, 4096), doc="refinement mini-batch size"),
-        Param("lr", float, 1e-3, range=(1e-7, 1.0), doc="refinement learning rate (Adam)"),
-    )
+    ) + RECONSTRUCTION_PARAMS
 
     @classmethod
     def applicable(cls, defense) -> Optional[str]:
