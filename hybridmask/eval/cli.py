@@ -12,17 +12,7 @@ from typing import Dict, List
 import torch
 
 from hybridmask.utils import atomic_write
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (``--batch-size 0``, ``--max-pairs -3``, ``3.7`` are refused)."""
-    try:
-        v = int(text)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+from ..utils.cliargs import positive_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

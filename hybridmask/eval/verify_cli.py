@@ -176,35 +176,15 @@ def _load_images(files: List[Path], align: bool, max_pixels: Optional[int]) -> T
     return faces, failed
 
 
-def _threshold_arg(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a cosine similarity in [-1, 1], got {text!r}") from None
-    if not (math.isfinite(v) and -1.0 <= v <= 1.0):
-        raise argparse.ArgumentTypeError(f"expected a cosine similarity in [-1, 1], got {text}")
-    return v
-
-
-def _far_arg(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a false accept rate in (0, 1], got {text!r}") from None
-    if not (math.isfinite(v) and 0.0 < v <= 1.0):
-        raise argparse.ArgumentTypeError(f"expected a false accept rate in (0, 1], got {text}")
-    return v
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import positive_int
+    from ..utils.cliargs import bounded_float, positive_int
     p.add_argument("--pairs", required=True, help="CSV/TSV of file_a,file_b[,label] (header optional)")
     p.add_argument("--images", required=True, help="folder the file names in --pairs are relative to")
     p.add_argument("--model", default="sface", help="'sface' (default), 'onnx:PATH' or a hybridmask checkpoint")
     p.add_argument("--align", action="store_true", help="detect and align raw photos first (YuNet + ArcFace template)")
-    p.add_argument("--threshold", type=_threshold_arg, default=None,
+    p.add_argument("--threshold", type=bounded_float(-1, 1, "a cosine similarity"), default=None,
                    help="cosine threshold for same/different (default: the model's own, see --help of the module)")
-    p.add_argument("--far", type=_far_arg, default=1e-3, help="FAR for the TAR@FAR (labelled pairs)")
+    p.add_argument("--far", type=bounded_float(0, 1, "a false accept rate", lo_open=True), default=1e-3, help="FAR for the TAR@FAR (labelled pairs)")
     p.add_argument("--scores", default=None, help="also write every pair's score and decision as CSV here (atomically)")
     p.add_argument("--batch-size", type=positive_int, default=128, help="images per forward pass (1..128)")
     p.add_argument("--no-flip", action="store_true", help="do not add the horizontally flipped image's embedding")
