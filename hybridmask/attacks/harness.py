@@ -304,3 +304,61 @@ def evaluate_class_inversion(defense, attack: Attack, public: torch.Tensor, targ
         save_grid(grid_path, rows, ["target identity", f"{attack.name} inversion", "random GAN sample"][:len(rows)])
         out["grid"] = str(grid_path)
     return out
+
+
+# ---- linkage attacks (kind == "linkage") ------------------------------------------------------------
+def linkage_scores(query_emb: torch.Tensor, victim_labels, gallery_emb: torch.Tensor, gallery_labels,
+                   fars: Sequence[float] = (1e-3, 1e-2)) -> Dict:
+    """Rank-1 / rank-5 re-identification of ``query_emb`` against the gallery (the harness's one
+    :func:`~hybridmask.attacks.metrics.reidentification`) and TAR@FAR (:func:`hybridmask.eval.metrics.tar_at_far`)
+    over every (query, gallery image) pair: a pair is genuine when both show the same identity."""
+    from ..eval.metrics import tar_at_far
+    import torch.nn.functional as F
+    rid = reidentification(query_emb, victim_labels, gallery_emb, gallery_labels)
+    q = F.normalize(query_emb.detach().float().cpu(), dim=1)
+    g = F.normalize(gallery_emb.detach().float().cpu(), dim=1)
+    scores = (q @ g.T).reshape(-1)
+    same = torch.tensor([[str(v) == str(l) for l in gallery_labels] for v in victim_labels]).reshape(-1)
+    out = {"rank1": rid["rank1"], "rank5": rid["rank5"], "chance": rid["chance"],
+           "genuine_pairs": int(same.sum()), "impostor_pairs": int((~same).sum())}
+    for far in fars:
+        t = tar_at_far(scores, same, far)
+        out[f"tar@far={far:g}"] = t["tar"]
+        out[f"far_achieved@{far:g}"] = t["far"]
+    out["per_image"] = {"rank": rid["ranks"]}
+    return out
+
+
+def evaluate_linkage(defense, attack: Attack, data, embedder: Optional[Callable] = None,
+                     fars: Sequence[float] = (1e-3, 1e-2)) -> Dict:
+    """Score a linkage attack (``attack.kind == "linkage"``): ``attack.link(defense, data)`` fits on
+    ``data.public`` and returns embeddings of the victims' queries; they are matched against the victims'
+    clean gallery photos embedded by the attacker's own teacher (``attack.embed_faces``) with
+    :func:`linkage_scores`. ``embedder``: a loaded teacher to share with the attack (the same SFace the
+    harness judges with, so it is not loaded twice); it becomes the attack's teacher when the attack has
+    none. The reference row ``clean_faces`` scores the victims' clean faces through the teacher (the level
+    of an attacker who sees the faces themselves). The scores are the attacker's own matching, not a
+    judge's: report them in their own column."""
+    if attack.kind != "linkage":
+        raise ValueError(f"attack {attack.name!r} is a {attack.kind} attack; evaluate it with evaluate_defense")
+    check_defense(defense)
+    check_faces(data.victims, "victims")
+    if embedder is not None and getattr(attack, "params", {}).get("teacher") is None and not attack.fitted:
+        attack.use_teacher(embedder)
+    label = str((getattr(defense, "config", {}) or {}).get("name", type(defense).__name__))
+    t0 = time.time()
+    q = attack.link(defense, data)
+    t_link = time.time() - t0
+    if q.dim() != 2 or q.shape[0] != data.victims.shape[0]:
+        raise ValueError(f"{attack.name}.link must return ({data.victims.shape[0]}, D) embeddings, got {tuple(q.shape)}")
+    g = attack.embed_faces(data.gallery)
+    sc = linkage_scores(q, data.victim_labels, g, data.gallery_labels, fars)
+    clean = linkage_scores(attack.embed_faces(data.victims), data.victim_labels, g, data.gallery_labels, fars)
+    sc.update(params=attack.public_params(), seconds=round(t_link, 1))
+    extra = getattr(attack, "report", None)
+    if callable(extra):
+        sc["attack_info"] = _plain(extra())
+    return {"defense": label, "config": _plain(getattr(defense, "config", {})), "data": data.info,
+            "attack": attack.name, "linkage": sc,
+            "clean_faces": {k: v for k, v in clean.items() if k != "per_image"},
+            "seconds": round(time.time() - t0, 1)}
