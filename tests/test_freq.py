@@ -383,3 +383,95 @@ def test_fast_encode_equals_the_step_by_step_pipeline(u, shuffle, mix):
     lhs = torch.matmul(c.ppfrfd.scramble_rows(w, 2), v)
     rhs = d.ppfrfd.scramble(torch.matmul(w, v).unsqueeze(-1))
     assert torch.allclose(lhs, rhs.squeeze(-1), atol=1e-10)
+
+
+# ---------------------------------------------------------------- BDCT for u > 1 as one strided convolution
+def _bdct_pair(u):
+    return BlockDCT(u), BlockDCT(u, method="reference")
+
+
+def _assert_paths_agree(u, x, tol):
+    fast, ref = _bdct_pair(u)
+    a, r = fast(x), ref(x)
+    assert a.shape == r.shape == (x.shape[0], 192, x.shape[-2] * u // 8, x.shape[-1] * u // 8)
+    assert a.dtype == x.dtype
+    err = (a - r).abs()
+    # the border blocks (where bilinear upsampling clamps) are checked on their own, not only in the max
+    assert err[..., 0, :].max() < tol and err[..., -1, :].max() < tol
+    assert err[..., :, 0].max() < tol and err[..., :, -1].max() < tol
+    assert err.max() < tol, (u, tuple(x.shape), x.dtype, err.max().item())
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("u", [2, 4, 8])
+def test_conv_bdct_equals_upsampling_reference_on_real_faces(faces_root, u):
+    x = _load_lfw(faces_root, 16)
+    _assert_paths_agree(u, x, 1e-5)
+    _assert_paths_agree(u, x[:5].double(), 1e-10)
+    # a crop at odd offsets, not square: other pixels at the borders, blocks at odd positions
+    s = 8 // u
+    crop = x[:5, :, 1:1 + 13 * 8, 3:3 + 11 * 8]
+    assert crop.shape[-2] % s == 0 and crop.shape[-1] % s == 0
+    _assert_paths_agree(u, crop, 1e-5)
+    _assert_paths_agree(u, x[:1].contiguous(memory_format=torch.channels_last), 1e-5)
+
+
+@pytest.mark.parametrize("u", [2, 4, 8])
+@pytest.mark.parametrize("b", [1, 5])
+def test_conv_bdct_equals_upsampling_reference_on_random_images(u, b):
+    _assert_paths_agree(u, rand_images(b, seed=u + b), 1e-5)
+    _assert_paths_agree(u, rand_images(b, seed=u, dtype=torch.float64), 1e-10)
+    extremes = torch.randint(0, 2, (b, 3, 112, 112), generator=torch.Generator().manual_seed(b)).float() * 2 - 1
+    _assert_paths_agree(u, extremes, 1e-5)                     # worst case for float rounding: all |x| = 1
+    g = torch.Generator().manual_seed(7)
+    for h, w in ((56, 104), (8 // u, 3 * 8 // u), (16, 8)):   # non-square, down to a single block row
+        _assert_paths_agree(u, torch.rand(b, 3, h, w, generator=g) * 2 - 1, 1e-5)
+
+
+@pytest.mark.parametrize("u", [2, 4, 8])
+def test_conv_bdct_is_one_strided_convolution_of_the_replicate_padded_image(u):
+    """conv_weight() is the impulse response of the reference path, and the strided conv2d with it
+    on the replicate-padded image is the transform, borders included."""
+    fast, ref = _bdct_pair(u)
+    s, k = 8 // u, 8 // u + 2
+    w = fast.conv_weight()
+    assert w.shape == (192, 3, k, k) and w.dtype == torch.float64
+    n = 4 * s                                                   # block (1, 1) lies inside the image
+    imp = torch.zeros(3 * k * k, 3, n, n, dtype=torch.float64)
+    for j, (r, m, q) in enumerate((r, m, q) for r in range(3) for m in range(k) for q in range(k)):
+        imp[j, r, s - 1 + m, s - 1 + q] = 1.0
+    response = ref(imp)[:, :, 1, 1].t().reshape(192, 3, k, k)
+    assert torch.allclose(response, w, atol=1e-12)
+    x = rand_images(2, dtype=torch.float64, seed=11)[..., :56, :]
+    conv = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), w, stride=s)
+    assert torch.allclose(conv, ref(x), atol=1e-10)
+    assert torch.allclose(conv, fast(x), atol=1e-10)
+    with pytest.raises(ValueError, match="u > 1"):
+        BlockDCT(1).conv_weight()
+    with pytest.raises(ValueError, match="method"):
+        BlockDCT(8, method="fft")
+
+
+@pytest.mark.parametrize("u", [2, 4, 8])
+def test_conv_bdct_gradients_flow_and_equal_the_reference_gradients(u):
+    """Attacks back-propagate through the BDCT: the gradient of the fast path is the reference's."""
+    fast, ref = _bdct_pair(u)
+    x = rand_images(2, seed=5, size=32)
+    up = torch.randn(2, 192, 32 * u // 8, 32 * u // 8, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for t in (fast, ref):
+        xx = x.clone().requires_grad_(True)
+        (t(xx) * up).sum().backward()
+        grads.append(xx.grad)
+    assert grads[0].abs().sum() > 0
+    assert (grads[0] - grads[1]).abs().max() < 1e-5
+    s = 8 // u                                                  # 2 x 3 blocks: borders on every side
+    small = (torch.rand(1, 3, 2 * s, 3 * s, dtype=torch.float64) * 2 - 1).requires_grad_(True)
+    assert torch.autograd.gradcheck(fast, (small,), fast_mode=True)
+
+
+def test_conv_bdct_keeps_float64_exact_after_the_module_is_cast():
+    x = rand_images(1, dtype=torch.float64)
+    t = BlockDCT(8).float()                                     # buffers now float32
+    assert (t(x) - BlockDCT(8, method="reference")(x)).abs().max() < 1e-10
+    assert "method='reference'" in repr(BlockDCT(4, method="reference")) and repr(BlockDCT(4)) == "BlockDCT(u=4)"
