@@ -20,9 +20,11 @@ interpolation does at the borders), so the whole transform is one fixed strided 
 stride 4 at u=2. The weight factorises, ``W[c*64 + 8p + q, r, m, n] = M[c, r] F[p, m] F[q, n]``
 with ``M`` the colour matrix and ``F = D @ A`` (``A``: the ``8 x (s+2)`` 1-D interpolation weights
 of one block, read off ``F.interpolate`` itself), so it is evaluated separably as two small GEMMs
-(rows with the colour matrix fused in, then columns) that write the output once: ~20-40x faster
-than upsampling at u=8 and equal to it to float rounding. ``BlockDCT(u, method="reference")``
-keeps the step-by-step path (upsample, colour, block DCT).
+(rows with the colour matrix fused in, then columns) that write the output once. At u=8 on one
+thread this is 10-20x faster than upsampling (``scripts/bench_masking.py``; at large batches
+both are bounded by first-touching the 9.6 MB per face of output), and it is closer to the
+float64 result than the float32 reference (~2e-6 vs ~8e-6 on faces; the two differ by < 1e-5).
+``BlockDCT(u, method="reference")`` keeps the step-by-step path (upsample, colour, block DCT).
 """
 from __future__ import annotations
 
@@ -118,7 +120,7 @@ class BlockDCT(nn.Module):
         method: for u > 1, ``"conv"`` (default) evaluates the transform as the fixed strided
            convolution of the module docstring, never building the upsampled image;
            ``"reference"`` upsamples with ``F.interpolate`` and transforms the blocks (the
-           definition; 20-40x slower at u=8). Both agree to float rounding. u=1 has one path.
+           definition; 10-20x slower at u=8). Both agree to float rounding. u=1 has one path.
 
     ``forward(x)`` takes ``(B, 3, H, W)`` float RGB in [-1, 1] with ``H, W`` divisible by ``8/u``
     and returns ``(B, 192, H*u/8, W*u/8)``. ``inverse(coeffs, kept=None, size=None)`` maps
@@ -180,18 +182,35 @@ class BlockDCT(nn.Module):
         """The strided convolution, evaluated separably: with ``K = s + 2`` input rows per block
         row, ``T = kron(M, F) @ rows`` (colour + vertical pass, (B, 3*8, h/s, W+2)), then each
         horizontal K-window of ``T`` times ``F`` gives the 64 coefficients of a block, written
-        straight into the ``(B, 3, 8, 8, h/s * w/s)`` = ``(B, 192, h/s, w/s)`` output layout."""
+        straight into the ``(B, 3, 8, 8, h/s * w/s)`` = ``(B, 192, h/s, w/s)`` output layout.
+
+        Without autograd the batch goes through in chunks of ~4 MB of intermediates, each chunk
+        writing its slice of one preallocated output: fresh pages cost more than the arithmetic
+        here (the output alone is 9.6 MB per face at u=8), so the temporaries are kept small
+        enough to be reused by the allocator."""
         s = 8 // self.u
         k = s + 2
         f, g = self._factors(x)
         b, _, h, w = x.shape
         hb, wb = h // s, w // s
-        xp = F.pad(x, (1, 1, 1, 1), mode="replicate")
-        # (B, 3, hb, W+2, K) windows of rows -> (B, 3*K, hb*(W+2)); index r*K + m matches kron(M, F)
-        rows = xp.unfold(2, k, s).permute(0, 1, 4, 2, 3).reshape(b, 3 * k, hb * (w + 2))
-        t = torch.matmul(g, rows).view(b, 3, 8, hb, w + 2)
-        cols = t.unfold(4, k, s).permute(0, 1, 2, 5, 3, 4).reshape(b, 3, 8, k, hb * wb)
-        return torch.matmul(f, cols).view(b, NUM_CHANNELS, hb, wb)
+
+        def windows(xc: torch.Tensor) -> torch.Tensor:
+            n = xc.shape[0]
+            xp = F.pad(xc, (1, 1, 1, 1), mode="replicate")
+            # (n, 3, hb, W+2, K) windows of rows -> (n, 3*K, hb*(W+2)); index r*K + m matches kron(M, F)
+            rows = xp.unfold(2, k, s).permute(0, 1, 4, 2, 3).reshape(n, 3 * k, hb * (w + 2))
+            t = torch.matmul(g, rows).view(n, 3, 8, hb, w + 2)
+            return t.unfold(4, k, s).permute(0, 1, 2, 5, 3, 4).reshape(n, 3, 8, k, hb * wb)
+
+        if torch.is_grad_enabled() and x.requires_grad:
+            return torch.matmul(f, windows(x)).view(b, NUM_CHANNELS, hb, wb)
+        chunk = max(1, (1 << 20) // max(1, 24 * k * (hb * wb + hb * (w + 2))))
+        if chunk >= b:
+            return torch.matmul(f, windows(x)).view(b, NUM_CHANNELS, hb, wb)
+        out = x.new_empty(b, 3, 8, 8, hb * wb)
+        for i in range(0, b, chunk):
+            torch.matmul(f, windows(x[i:i + chunk]), out=out[i:i + chunk])
+        return out.view(b, NUM_CHANNELS, hb, wb)
 
     def _reference(self, x: torch.Tensor) -> torch.Tensor:
         """The definition: upsample (u > 1), colour matrix, 8x8 block DCT (``x`` already checked)."""
