@@ -12,7 +12,18 @@ agree before anything is timed. hybridmask instead regroups the blocks in one co
 colour matrix and the 64x64 DCT basis as two GEMMs, gathers the shuffled and neighbour-mixed kept
 channels straight from the coefficients, and mixes the batch with one sparse (CSR) product.
 
-    python scripts/bench_masking.py [--data DIR] [--repeats 5]
+It first measures the BDCT alone for u=2, 4, 8: ``BlockDCT(u)`` (the fixed strided convolution,
+evaluated separably, that never builds the upsampled image) against ``BlockDCT(u,
+method="reference")`` (bilinear upsampling to 112u x 112u, colour matrix, 8x8 block DCT), on one
+thread by default, alternating the two in every round; it prints img/s of each, the median of the
+per-round ratios and the agreement of the two outputs (checked < 1e-5 before timing), ending with
+``bdct u=8 ratio: N.Nx`` (batch 1). At u=8 each face's output is 9.6 MB of fresh memory, and on
+a small VM first-touching those pages costs more than the arithmetic of the convolution: the
+ratio at large batches is bounded by page faults that both paths pay. torch's switch for
+huge-page allocations, ``THP_MEM_ALLOC_ENABLE=1``, removes most of that cost (the header says
+whether it is set).
+
+    python scripts/bench_masking.py [--data DIR] [--repeats 5] [--bdct-only] [--bdct-batches 1,32]
 """
 from __future__ import annotations
 
@@ -27,7 +38,7 @@ import torch
 import torch.nn.functional as F
 import torch_dct
 
-from hybridmask.freq import HybridMask, rgb_to_ycbcr
+from hybridmask.freq import BlockDCT, HybridMask, rgb_to_ycbcr
 
 
 def load_faces(data: Path, n: int) -> torch.Tensor:
@@ -93,6 +104,38 @@ def time_interleaved(ours, ref, repeats: int, inner: int = 5):
     return t_ours, t_ref
 
 
+def bench_bdct(x: torch.Tensor, u: int, batch: int, rounds: int, min_seconds: float = 0.2):
+    """img/s of the conv and the reference BDCT, and the median per-round ratio; the two are timed
+    back to back in every round (which goes first alternates), so background load hits both alike.
+    Each timing repeats calls until ``min_seconds`` have passed."""
+    fast, ref = BlockDCT(u), BlockDCT(u, method="reference")
+    xb = x[:batch]
+    with torch.no_grad():
+        err = (fast(xb) - ref(xb)).abs().max().item()
+        if err > 1e-5:
+            raise SystemExit(f"BDCT u={u}: conv and reference disagree (max |diff| {err:.2e}); not timing")
+
+        def per_image(fn):
+            n, t0 = 0, time.perf_counter()
+            while True:
+                fn(xb)
+                n += 1
+                dt = time.perf_counter() - t0
+                if dt >= min_seconds:
+                    return dt / n / batch
+
+        t_fast, t_ref = [], []
+        for r in range(rounds):
+            if r % 2:
+                t_ref.append(per_image(ref))
+                t_fast.append(per_image(fast))
+            else:
+                t_fast.append(per_image(fast))
+                t_ref.append(per_image(ref))
+    ratios = [b / a for a, b in zip(t_fast, t_ref)]
+    return 1 / statistics.median(t_fast), 1 / statistics.median(t_ref), ratios, err
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=os.environ.get("HYBRIDMASK_DATA", str(Path(__file__).resolve().parents[2] / "shared/data/faces")))
@@ -102,9 +145,31 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--batch-u8", type=int, default=32,
                    help="batch for u=8 (each 112x112 grid tensor is ~1.2 GB at batch 128; 32 keeps the run in memory)")
+    p.add_argument("--bdct-batches", default="1,32", help="comma-separated batch sizes for the BDCT-alone timing")
+    p.add_argument("--bdct-threads", type=int, default=1)
+    p.add_argument("--bdct-rounds", type=int, default=7)
+    p.add_argument("--bdct-only", action="store_true", help="time the BDCT alone and stop")
     args = p.parse_args(argv)
+    bdct_batches = [int(b) for b in args.bdct_batches.split(",") if b.strip()]
+    x = load_faces(Path(args.data), max([args.batch] + bdct_batches))
+
+    torch.set_num_threads(args.bdct_threads)
+    print(f"BDCT alone: conv (strided, separable) vs reference (upsample + block DCT), {args.bdct_threads} thread(s), "
+          f"{args.bdct_rounds} alternating rounds, THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}, "
+          f"torch {torch.__version__}")
+    bdct_ratio = {}
+    for u in (8, 4, 2):
+        for b in bdct_batches:
+            f_ips, r_ips, ratios, err = bench_bdct(x, u, b, args.bdct_rounds)
+            bdct_ratio[u, b] = statistics.median(ratios)
+            print(f"bdct u={u} batch {b:3d}: conv {f_ips:8.1f} img/s | reference {r_ips:7.1f} img/s | ratio "
+                  f"{bdct_ratio[u, b]:5.1f}x (rounds {min(ratios):.1f}-{max(ratios):.1f}) | max |diff| {err:.1e}", flush=True)
+    print(f"bdct u=8 ratio: {bdct_ratio[8, bdct_batches[0]]:.1f}x (batch {bdct_batches[0]})")
+    if args.bdct_only:
+        return 0
+
+    x = x[: args.batch]
     torch.set_num_threads(args.threads)
-    x = load_faces(Path(args.data), args.batch)
     print(f"batch {args.batch} x 3 x 112 x 112, {args.threads} threads, k={args.k}, torch {torch.__version__}")
     speedups = {}
     for u in (1, 8):
