@@ -27,21 +27,25 @@ class AttackSpec:
     params: Dict[str, Any]            # shared parameters, then the entry's own
     requires: Dict[str, Any]
     text: str = ""
+    kind: str = "reconstruction"      # the registered class's kind: reconstruction | linkage
 
 
 def attack_specs(attack_cfg: Mapping[str, Any]) -> List[AttackSpec]:
     """The configured attacks in fit order (the config's order)."""
+    from ..attacks import ATTACKS
     shared = attack_cfg.get("params") or {}
     out = []
     for label, spec in (attack_cfg.get("run") or {}).items():
         name = str(spec["attack"])
         params = {**dict(shared.get(name) or {}), **{k: v for k, v in spec.items() if k not in RUN_KEYS}}
-        out.append(AttackSpec(str(label), name, params, dict(spec.get("requires") or {}), str(spec.get("text") or "")))
+        out.append(AttackSpec(str(label), name, params, dict(spec.get("requires") or {}), str(spec.get("text") or ""),
+                              str(ATTACKS.get(name).kind)))
     return out
 
 
 def display_order(specs: List[AttackSpec], headline: str) -> List[str]:
-    """The headline attack first, then the others in config order (tables and grid rows)."""
+    """A fixed headline attack first, then the others in config order (tables and grid rows); with
+    ``headline: strongest`` (chosen per defense from the results) the config order."""
     labels = [s.label for s in specs]
     return [headline] + [x for x in labels if x != headline] if headline in labels else labels
 

@@ -28,6 +28,10 @@ RUN_KEYS = {"attack", "requires", "text"}       # besides the attack's own param
 TARGET_KEYS = {"title", "subject", "checks"}
 CHECK_KEYS = {"label", "metric", "comparison", "value", "role", "also"}
 COMPARISONS = ("<", "<=", ">", ">=", "==")
+#: attack kinds the benchmark runs: reconstructions (judged by SFace) and linkage (the attacker's own matching)
+SCORED_KINDS = ("reconstruction", "linkage")
+#: ``attacks.headline`` value: per defense, the query-reconstruction attack with the highest rank-1
+STRONGEST = "strongest"
 
 
 def _fail(path: Path, msg: str) -> None:
@@ -62,7 +66,8 @@ def check_methods(path: Path, methods: Mapping[str, Any]) -> Dict[str, Dict[str,
 
 
 def check_attacks(path: Path, attacks: Mapping[str, Any]) -> Dict[str, Any]:
-    """Every entry of ``attacks.run`` names a registered reconstruction attack; the rest is its parameters."""
+    """Every entry of ``attacks.run`` names a registered reconstruction or linkage attack; the rest is its
+    parameters. ``attacks.headline``: ``strongest`` (the default) or the label of a reconstruction attack."""
     from ..attacks import ATTACKS
     _unknown(path, attacks, ATTACK_KEYS, "attacks")
     run = attacks.get("run") or {}
@@ -75,8 +80,9 @@ def check_attacks(path: Path, attacks: Mapping[str, Any]) -> Dict[str, Any]:
         if name not in ATTACKS:
             _fail(path, f"unknown attack {name!r} in attacks.run.{label}; registered: {', '.join(ATTACKS.names())}")
         cls = ATTACKS.get(name)
-        if cls.kind != "reconstruction":
-            _fail(path, f"attacks.run.{label}: {name!r} is a {cls.kind} attack; the benchmark scores reconstructions")
+        if cls.kind not in SCORED_KINDS:
+            _fail(path, f"attacks.run.{label}: {name!r} is a {cls.kind} attack; the benchmark scores "
+                        f"{' and '.join(SCORED_KINDS)} attacks")
         declared = {p.name for p in cls.all_params()}
         shared = dict((attacks.get("params") or {}).get(name) or {})
         _unknown(path, set(spec) - RUN_KEYS | set(shared), declared, f"the parameters of attacks.run.{label} "
@@ -87,9 +93,12 @@ def check_attacks(path: Path, attacks: Mapping[str, Any]) -> Dict[str, Any]:
     bad = sorted(set(params) - {str(s["attack"]) for s in run.values()})
     if bad:
         _fail(path, f"attacks.params has entries {bad} for attacks that attacks.run does not use")
-    head = attacks.get("headline")
-    if head not in run:
-        _fail(path, f"attacks.headline must be one of attacks.run ({', '.join(run)}), got {head!r}")
+    head = attacks.get("headline", STRONGEST)
+    queries = [lb for lb, sp in run.items() if ATTACKS.get(str(sp["attack"])).kind == "reconstruction"]
+    if head != STRONGEST and head not in queries:
+        _fail(path, f"attacks.headline must be {STRONGEST!r} (per defense, the reconstruction attack with the "
+                    f"highest rank-1) or a reconstruction attack of attacks.run ({', '.join(queries)}), got {head!r}")
+    attacks = dict(attacks, headline=head)
     return dict(attacks)
 
 
@@ -165,4 +174,4 @@ def load_benchmark(path: os.PathLike, budget: str) -> Dict[str, Any]:
             "verify": dict(b.get("verify") or {}), "estimate": b.get("estimate")}
 
 
-__all__ = ["BUDGETS", "COMPARISONS", "load_benchmark"]
+__all__ = ["BUDGETS", "COMPARISONS", "SCORED_KINDS", "STRONGEST", "load_benchmark"]

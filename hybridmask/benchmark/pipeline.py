@@ -7,7 +7,8 @@
 * :func:`verify` - LFW / CFP-FP as the run's ``results.json`` reports them; a run that reports no
   verification on the benchmark's targets is verified here with its recognizer (cached);
 * :func:`attack` - the configured attacks that apply to the defense (:mod:`.attack_plan`), scored by
-  :func:`hybridmask.attacks.harness.evaluate_defense` (cached per run and attack settings).
+  :func:`hybridmask.attacks.harness.evaluate_defense` (reconstruction attacks) or
+  :func:`hybridmask.attacks.harness.evaluate_linkage` (linkage attacks), cached per run and attack settings.
 """
 from __future__ import annotations
 
@@ -120,18 +121,37 @@ def verify(e: Entry, victim_fn: Callable[[], Victim], settings: Dict[str, Any], 
 
 
 # ---- stage 4: attack ------------------------------------------------------------------------------
+def run_linkage(defense, attack, data, embedder) -> Dict[str, Any]:
+    """One linkage attack, scored by :func:`hybridmask.attacks.harness.evaluate_linkage` (the teacher is
+    the harness's SFace when the attack brings none): its ``linkage`` scores (rank-1 / rank-5, TAR@FAR),
+    the ``clean_faces`` reference level and ``seconds`` (fit + link + scoring, what the attack cost)."""
+    from ..attacks.harness import evaluate_linkage
+    t = time.time()
+    r = evaluate_linkage(defense, attack, data, embedder=embedder)
+    out = dict(r["linkage"])
+    out.pop("per_image", None)
+    out.update(attack=r.get("attack"), clean_faces=r.get("clean_faces"), seconds=round(time.time() - t, 1),
+               link_seconds=r["linkage"].get("seconds"))
+    return out
+
+
 def attack(e: Entry, victim: Victim, specs: List[AttackSpec], headline: str, data, embedder, cache: Path,
            seed: int, device: str, progress: bool, log: Callable[[str], None]) -> Dict[str, Any]:
     """Fit every applicable attack on the public faces, attack the victims, score; writes ``cache``
-    (``results.json`` and ``grid.png``: original, masked view, one row per attack)."""
+    (``results.json`` and ``grid.png``: original, masked view, one row per reconstruction attack).
+    Reconstruction attacks go through :func:`hybridmask.attacks.harness.evaluate_defense` (``attacks``),
+    linkage attacks through :func:`run_linkage` (``linkage``: label -> scores)."""
     from ..attacks.harness import evaluate_defense, save_grid, write_json
     order = display_order(specs, headline)
     run, skipped = plan_attacks(specs, victim.defense)
     recognizer = victim.recognizer if device == "cpu" else OnDevice(victim.recognizer, device)
     known = {"recognizer": recognizer, **victim.facts}
-    attacks = {s.label: Recorded(build_attack(s, known, seed + 1000 * (order.index(s.label) + 1), progress, device))
-               for s in run}
-    log(f"{e.label}: attacks {', '.join(attacks)} against {e.run_dir}")
+
+    def build(s: AttackSpec):
+        return build_attack(s, known, seed + 1000 * (order.index(s.label) + 1), progress, device)
+    attacks = {s.label: Recorded(build(s)) for s in run if s.kind == "reconstruction"}
+    linkers = [s for s in run if s.kind == "linkage"]
+    log(f"{e.label}: attacks {', '.join([*attacks, *(s.label for s in linkers)])} against {e.run_dir}")
     t = time.time()
     res = evaluate_defense(victim.defense, attacks, data, embedder=embedder, grid_dir=None, label=e.key,
                            progress=progress)
@@ -141,9 +161,17 @@ def attack(e: Entry, victim: Victim, specs: List[AttackSpec], headline: str, dat
                              "capabilities": victim.defense.capabilities()}
     res["attack_order"] = list(attacks)
     for name, a in res["attacks"].items():
+        mixed = a.get("mixed")
         log(f"   {name}: SSIM {a['ssim']['mean']:.3f} PSNR {a['psnr']['mean']:.2f} id-sim "
-            f"{a['identity_similarity']['mean']:.3f} rank-1 {a['rank1']:.2f} Score_pp {a['score_pp']:.3f} "
-            f"({a['seconds']:.0f} s)")
+            f"{a['identity_similarity']['mean']:.3f} rank-1 {a['rank1']:.2f} Score_pp {a['score_pp']:.3f}"
+            + (f"; training releases rank-1 dominant {mixed['rank1_dominant']:.2f} any {mixed['rank1_any']:.2f}"
+               if mixed else "") + f" ({a['seconds']:.0f} s)")
+    res["linkage"] = {}
+    for s in linkers:
+        lk = run_linkage(victim.defense, build(s), data, embedder)
+        res["linkage"][s.label] = lk
+        log(f"   {s.label} (linkage): rank-1 {lk['rank1']:.2f} TAR@FAR=1e-3 {lk.get('tar@far=0.001', float('nan')):.2f}"
+            f" ({lk['seconds']:.0f} s)")
     n = min(8, data.victims.shape[0])
     with torch.no_grad():
         view = victim.defense.as_image(victim.defense.query(data.victims[:n])).clamp(-1, 1).cpu()
@@ -155,4 +183,4 @@ def attack(e: Entry, victim: Victim, specs: List[AttackSpec], headline: str, dat
     return res
 
 
-__all__ = ["Victim", "train", "load_victim", "run_recognizer", "verify", "attack", "mean_k"]
+__all__ = ["Victim", "train", "load_victim", "run_recognizer", "verify", "attack", "run_linkage", "mean_k"]
