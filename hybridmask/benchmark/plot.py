@@ -1,10 +1,12 @@
-"""The privacy-utility scatter of the benchmark (LFW accuracy against the headline attack)."""
+"""The privacy-utility scatter of the benchmark (LFW accuracy against the headline attack: with
+``headline: strongest``, each defense's strongest query attack, named in the legend)."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Dict
 
-from .report import headline, lfw_accuracy
+from .config import STRONGEST
+from .report import headline, headline_label, lfw_accuracy
 
 
 def privacy_utility_plot(payload: Dict[str, Any], path: Path) -> bool:
@@ -14,7 +16,8 @@ def privacy_utility_plot(payload: Dict[str, Any], path: Path) -> bool:
     for row in payload["defenses"]:
         a, h = lfw_accuracy(row), headline(row, head)
         if a is not None and h is not None:
-            pts.append((row["label"], 100 * a, 100 * float(h["rank1"]), float(h["score_pp"])))
+            name = f"{row['label']} ({headline_label(row, head)})" if head == STRONGEST else row["label"]
+            pts.append((name, 100 * a, 100 * float(h["rank1"]), float(h["score_pp"])))
     if not pts:
         return False
     import matplotlib
@@ -31,8 +34,9 @@ def privacy_utility_plot(payload: Dict[str, Any], path: Path) -> bool:
             break
     markers = "osD^vP*Xhp<>"
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, idx, ylab in ((axes[0], 2, f"re-identification rank-1, {head} (%)"),
-                          (axes[1], 3, f"Score_pp, {head} (higher = more private)")):
+    who = "strongest attack" if head == STRONGEST else head
+    for ax, idx, ylab in ((axes[0], 2, f"re-identification rank-1, {who} (%)"),
+                          (axes[1], 3, f"Score_pp, {who} (higher = more private)")):
         for i, p in enumerate(pts):
             ax.scatter(p[1], p[idx], s=55, marker=markers[i % len(markers)], color=colors[i % len(colors)],
                        label=p[0], edgecolors="black", linewidths=0.5)

@@ -14,11 +14,13 @@ import torch
 
 from . import pipeline
 from .attack_plan import attack_specs, display_order, plan_attacks
+from .config import STRONGEST
 from .estimate import estimate_training, fmt_minutes, measured_speeds
+from .report import ATTACK_LIMIT_SECONDS
 from .runs import Entry, config_hash, jsonable, place_run, resolve_entry, untrained_defense
 
 #: bump when the attack stage's results change meaning (invalidates the attack caches)
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 class Benchmark:
@@ -63,8 +65,8 @@ class Benchmark:
         return {"victims": at.get("victims", "lfw"), "n_victims": int(at.get("n_victims", 32)),
                 "n_distractors": int(at.get("n_distractors", 64)), "n_public": int(at.get("n_public", 1500)),
                 "run": display_order(self.specs, self.headline), "headline": self.headline,
-                "attacks": {s.label: {"attack": s.attack, "params": jsonable(s.params), "requires": s.requires}
-                            for s in self.specs},
+                "attacks": {s.label: {"attack": s.attack, "kind": s.kind, "params": jsonable(s.params),
+                                      "requires": s.requires} for s in self.specs},
                 "text": {s.label: s.text for s in self.specs},
                 "defense_seed": self.defense_seed, "seed": self.seed, "judge": "sface",
                 "data_root": str(self.data_root), "device": str(at.get("device") or "cpu")}
@@ -75,6 +77,12 @@ class Benchmark:
 
     def cached(self, e: Entry) -> bool:
         return (self.attack_cache(e) / "results.json").is_file() and not self.args.rerun_attacks
+
+    def headline_text(self) -> str:
+        if self.headline == STRONGEST:
+            return ("per defense the strongest query-reconstruction attack (highest rank-1, ties: identity "
+                    "similarity); training releases: the strongest release attack; linkage: its own column")
+        return f"the {self.headline} attack for every defense"
 
     # -- plan ----------------------------------------------------------------------------------------
     def verified(self, e: Entry) -> bool:
@@ -114,19 +122,31 @@ class Benchmark:
         print(f"attacks: {st['n_victims']} {st['victims']} victims, {st['n_distractors']} distractor identities, "
               f"{st['n_public']} public CelebA faces, judge SFace; seed {self.seed}, victims' secrets "
               f"{'secure (OS)' if self.defense_seed is None else self.defense_seed}")
-        total_att, need_setup, n_verify = 0.0, False, 0
+        print(f"  headline: {self.headline_text()}")
+        total_att, need_setup, n_verify, slow = 0.0, False, 0, set()
+        per_attack = dict((est or {}).get("attack_seconds") or {})
         for e in self.entries:
             run, skipped = plan_attacks(self.specs, untrained_defense(e.layout, e.config))
             labels = [a for a in display_order(self.specs, self.headline) if a in {s.label for s in run}]
             s = 0.0
-            if est and not self.cached(e):
-                s = sum(float(est["attack_seconds"].get(a, 0)) for a in labels) + float(est.get("per_defense_seconds") or 0)
+            cached = self.cached(e)
+            if est and not cached:
+                s = sum(float(per_attack.get(a, 0)) for a in labels) + float(est.get("per_defense_seconds") or 0)
                 need_setup = True
             total_att += s
+            names = [f"{a} ~{fmt_minutes(float(per_attack[a]))}" if est and not cached and a in per_attack else a
+                     for a in labels]
+            slow |= {a for a in labels if float(per_attack.get(a, 0)) > ATTACK_LIMIT_SECONDS} if est else set()
             extra = "; ".join(f"{a}: n/a ({why})" for a, why in skipped.items())
-            print(f"  {e.label:<{w}}  {', '.join(labels)}{' - ' + extra if extra else ''}"
-                  f"{'  (cached)' if self.cached(e) else (f'  ~{fmt_minutes(s)}' if est else '')}")
+            print(f"  {e.label:<{w}}  {', '.join(names)}{' - ' + extra if extra else ''}"
+                  f"{'  (cached)' if cached else (f'  (attacks ~{fmt_minutes(s)})' if est else '')}")
             n_verify += not self.verified(e)
+        if est:
+            print(f"  per attack and defense (budget estimate): "
+                  + ", ".join(f"{a} ~{fmt_minutes(float(per_attack[a]))}" for a in display_order(self.specs, self.headline)
+                              if a in per_attack)
+                  + (f"; over the {ATTACK_LIMIT_SECONDS / 60:.0f}-minute limit: {', '.join(sorted(slow))}" if slow
+                     else f"; none over the {ATTACK_LIMIT_SECONDS / 60:.0f}-minute limit"))
         if est:
             setup = float(est.get("setup_seconds") or 0) if need_setup else 0.0
             ver = float(est.get("verify_seconds") or 0) * n_verify
