@@ -117,6 +117,14 @@ def test_load_benchmark_names_bad_input(tmp_path):
         B.load_benchmark(write(dict(good, attacks=dict(good["attacks"], run=bad))), "small")
     with pytest.raises(ValueError, match="headline"):
         B.load_benchmark(write(dict(good, attacks=dict(good["attacks"], headline="gmi"))), "small")
+    with pytest.raises(ValueError, match="headline.*reconstruction attack"):     # linkage is its own column
+        B.load_benchmark(write(dict(good, attacks=dict(good["attacks"], headline="linkage"))), "small")
+    with pytest.raises(ValueError, match="'gmi' is a class_inversion attack"):
+        B.load_benchmark(write(dict(good, attacks=dict(good["attacks"], run={"x": {"attack": "gmi"}},
+                                                      params={}, headline="strongest"))), "small")
+    with pytest.raises(ValueError, match="unknown key.*'step'.*linkage"):
+        bad = dict(runs, linkage=dict(runs["linkage"], step=3))
+        B.load_benchmark(write(dict(good, attacks=dict(good["attacks"], run=bad))), "small")
     with pytest.raises(ValueError, match="comparison"):
         checks = [dict(good["targets"]["checks"][0], comparison="~")]
         B.load_benchmark(write(dict(good, targets=dict(good["targets"], checks=checks))), "small")
@@ -125,6 +133,28 @@ def test_load_benchmark_names_bad_input(tmp_path):
     with pytest.raises(ValueError, match="--only: unknown defense"):
         cli_args = ["benchmark", "--budget", "tiny", "--dry-run", "--only", "nope", "--out-dir", str(tmp_path)]
         B.run(_parse(cli_args))
+
+
+def test_config_accepts_strongest_linkage_and_a_fixed_headline(tmp_path):
+    good = yaml.safe_load(BENCH.read_text())
+    b = B.load_benchmark(BENCH, "small")
+    assert good["attacks"]["headline"] == "strongest" and b["attacks"]["headline"] == "strongest"   # the default
+    assert {"structure", "separate", "linkage"} <= set(b["attacks"]["run"])
+    from hybridmask.benchmark.attack_plan import attack_specs
+    kinds = {s.label: s.kind for s in attack_specs(b["attacks"])}
+    assert kinds["linkage"] == "linkage" and kinds["structure"] == kinds["separate"] == "reconstruction"
+    assert "issue" not in b["targets"]["title"].lower()
+
+    def write(d):
+        p = tmp_path / "b.yaml"
+        p.write_text(yaml.safe_dump(d))
+        return p
+    fixed = B.load_benchmark(write(dict(good, attacks=dict(good["attacks"], headline="cgan_whitebox"))), "small")
+    assert fixed["attacks"]["headline"] == "cgan_whitebox"                       # backwards compatible
+    no_head = {k: v for k, v in good["attacks"].items() if k != "headline"}
+    assert B.load_benchmark(write(dict(good, attacks=no_head)), "small")["attacks"]["headline"] == "strongest"
+    only_link = dict(good["attacks"], run={"c": {"attack": "cgan"}, "l": {"attack": "linkage", "steps": 0}}, params={})
+    assert B.load_benchmark(write(dict(good, attacks=only_link)), "small")["attacks"]["run"]["l"]["attack"] == "linkage"
 
 
 def _parse(argv):
@@ -144,6 +174,9 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
     assert text.count("[train ]") == 9                       # an empty runs folder: everything is trained
     assert "demix: n/a (needs stochastic=True" in text and "estimate" in text and "total" in text
     assert text.count("demix: n/a") == 2                     # the deterministic releases: unprotected, ARL
+    # per-attack times of the estimate, and the 10-minute check
+    assert "structure ~5.0 min" in text and "linkage ~3.0 min" in text and "10-minute limit" in text
+    assert text.count("separate: n/a") == 5                  # only the mixing block-DCT defenses: k=2, 4, 6, adaptive
     assert not out.exists()                                  # a dry run writes nothing
 
 
@@ -169,6 +202,109 @@ def test_target_checks_report_met_and_not_met():
     far = [dict(rows[0], verification={"lfw": {"accuracy": 0.91}}), rows[3]]             # gap 2.5 points
     assert "- **not met**" in B.target_checks(far, targets, "cgan_whitebox")[0]
     assert B.target_checks([rows[0]], targets, "cgan_whitebox") == ["No defense has role `adaptive`: no target checks."]
+
+
+def _att(rank1, idsim, ssim=0.3, spp=0.8, mixed=None, seconds=10.0):
+    a = {"rank1": rank1, "rank5": max(rank1, 0.5), "identity_similarity": {"mean": idsim}, "ssim": {"mean": ssim},
+         "psnr": {"mean": 15.0}, "score_pp": spp, "seconds": seconds}
+    if mixed:
+        a["mixed"] = {"rank1_dominant": mixed[0], "rank1_any": mixed[1], "identity_similarity_dominant": {"mean": 0.4}}
+    return a
+
+
+def _full_row(label, role, lfw, attacks, linkage=None, skipped=None):
+    return {"label": label, "role": role, "verification": {"lfw": {"accuracy": lfw}},
+            "attacks": {"attacks": attacks, "linkage": linkage or {}, "skipped": skipped or {},
+                        "masked_view": _att(0.02, 0.1)}}
+
+
+def test_strongest_attack_per_defense_query_vs_release_and_ties():
+    from hybridmask.benchmark import report as R
+    mix = _full_row("k=2", "fixed_k", 0.6, {
+        "cgan_whitebox": _att(0.10, 0.20, ssim=0.28, spp=0.86),
+        "structure": _att(0.97, 0.70, ssim=0.75, spp=0.30),
+        "separate": _att(1.00, 0.90, mixed=(0.66, 0.88)),              # a release attack: never the query column
+        "cgan_release": _att(0.05, 0.10, mixed=(0.20, 0.50))})
+    assert R.strongest_query(mix)[0] == "structure" and R.headline_label(mix, "strongest") == "structure"
+    assert R.headline(mix, "strongest")["rank1"] == 0.97
+    assert R.headline(mix, "cgan_whitebox")["rank1"] == 0.10                        # a fixed label still works
+    assert R.strongest_release(mix)[0] == "separate"
+    assert R.release_cell(mix) == "66.0 / 88.0 (separate)"
+    assert R.strongest_rank1(mix) == (0.97, "structure")                            # release rank-1 not counted
+    # ties on rank-1: the higher identity similarity; ties on both: the first in config order
+    tie = _full_row("t", None, 0.6, {"a": _att(0.5, 0.3), "b": _att(0.5, 0.4), "c": _att(0.5, 0.4)})
+    assert R.strongest_query(tie)[0] == "b"
+    rel_tie = _full_row("t", None, 0.6, {"q": _att(0.1, 0.1), "r1": _att(0.1, 0.1, mixed=(0.5, 0.6)),
+                                         "r2": _att(0.1, 0.1, mixed=(0.5, 0.7))})
+    assert R.strongest_release(rel_tie)[0] == "r2"
+    plain = _full_row("pixels", "unprotected", 0.9, {"cgan_whitebox": _att(1.0, 0.7, ssim=0.72, spp=0.16)})
+    assert R.strongest_release(plain) == (None, None) and R.release_cell(plain) == "-"    # does not mix
+    assert R.linkage_cell(plain) == "-"
+    # the targets read the same per-defense strongest attack (and name it)
+    targets = B.load_benchmark(BENCH, "tiny")["targets"]
+    ada = _full_row("adaptive", "adaptive", 0.61, {"cgan_whitebox": _att(0.03, 0.1, ssim=0.3, spp=0.85),
+                                                    "structure": _att(0.94, 0.7, ssim=0.72, spp=0.31)})
+    ppfr = _full_row("PPFR-FD", "ppfrfd", 0.64, {"cgan_whitebox": _att(0.0, 0.1, spp=0.86),
+                                                  "structure": _att(1.0, 0.72, spp=0.29)})
+    text = "\n".join(B.target_checks([plain, ppfr, mix, ada], targets, "strongest"))
+    assert "under 5 % of cases: structure rank1 94.0 % < 5.0 % - **not met**" in text
+    assert "below 0.4: structure ssim 0.720 < 0.400 - **not met**" in text
+    assert "than PPFR-FD at equal or better accuracy: structure score_pp 0.310 > PPFR-FD 0.290 (structure); " \
+           "LFW accuracy 61.00 % >= PPFR-FD 64.00 % - **not met**" in text
+    old = "\n".join(B.target_checks([plain, ppfr, mix, ada], targets, "cgan_whitebox"))
+    assert "under 5 % of cases: cgan_whitebox rank1 3.0 % < 5.0 % - **met**" in old
+    assert R.metric_value(mix, "attack.release.rank1_dominant", "strongest") == 0.66
+    assert R.metric_value(ada, "attack.headline.rank1", "strongest") == 0.94
+
+
+def _payload_of(rows, labels, head="strongest", kinds=None):
+    kinds = kinds or {}
+    return {"benchmark": {"budget": "tiny", "command": "hybridmask benchmark", "finished": "now", "wall_seconds": 60.0,
+                          "seed": 0, "python": "3", "torch": "2", "git": {"commit": "abc"}},
+            "attack_settings": {"headline": head, "run": labels, "n_victims": 4, "victims": "lfw",
+                                "attacks": {lb: {"attack": lb, "kind": kinds.get(lb, "reconstruction")} for lb in labels},
+                                "text": {lb: "" for lb in labels}},
+            "defenses": rows, "targets": {"title": "Targets", "subject": None, "checks": []}}
+
+
+def test_report_renders_attack_release_and_linkage_columns_and_times(tmp_path):
+    link = {"rank1": 1.0, "rank5": 1.0, "tar@far=0.001": 0.95, "tar@far=0.01": 0.97, "seconds": 52.0,
+            "clean_faces": {"rank1": 1.0, "tar@far=0.001": 0.95}}
+    ppfr = _full_row("PPFR-FD", "ppfrfd", 0.64, {"cgan_whitebox": _att(0.0, 0.1, spp=0.86, seconds=90.0),
+                                                  "structure": _att(0.97, 0.72, ssim=0.75, spp=0.29, seconds=700.0)},
+                     linkage={"linkage": link}, skipped={"separate": "needs mixes=True"})
+    k2 = _full_row("freq MixUp k=2", "fixed_k", 0.55, {"cgan_whitebox": _att(0.06, 0.1, seconds=91.0),
+                                                        "structure": _att(0.94, 0.7, seconds=300.0),
+                                                        "separate": _att(0.3, 0.2, mixed=(0.66, 0.88), seconds=55.0)},
+                   linkage={"linkage": dict(link, rank1=0.5, **{"tar@far=0.001": 0.25})})
+    labels = ["cgan_whitebox", "structure", "separate", "linkage"]
+    md = B.render_markdown(_payload_of([ppfr, k2], labels, kinds={"linkage": "linkage"}), tmp_path / "r.md")
+    header = next(line for line in md.splitlines() if line.startswith("| defense | LFW"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    for c in ("attack", "training releases: rank-1 dominant / any (%)", "linkage rank-1 / TAR@FAR=1e-3 (%)"):
+        assert c in cols
+    row = next(line for line in md.splitlines() if line.startswith("| PPFR-FD |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[cols.index("attack")] == "structure" and cells[cols.index("rank-1 (%)")] == "97.0"
+    assert cells[cols.index("SSIM")] == "0.750"
+    assert cells[cols.index("training releases: rank-1 dominant / any (%)")] == "-"
+    assert cells[cols.index("linkage rank-1 / TAR@FAR=1e-3 (%)")] == "100.0 / 95.0"
+    row2 = [c.strip() for c in next(line for line in md.splitlines()
+                                    if line.startswith("| freq MixUp k=2 |")).strip("|").split("|")]
+    assert row2[cols.index("training releases: rank-1 dominant / any (%)")] == "66.0 / 88.0 (separate)"
+    assert row2[cols.index("linkage rank-1 / TAR@FAR=1e-3 (%)")] == "50.0 / 25.0"
+    assert "teacher is SFace, the same network as the judge" in md and "not merged with the judged columns" in md
+    assert "| freq MixUp k=2 | separate |" in md and "| 66.0 / 88.0 | 55.0 |" in md            # every attack table
+    assert "## Linkage" in md and "| PPFR-FD | linkage | 100.0 | 100.0 | 95.0 | 97.0 | 100.0 / 95.0 | 52.0 |" in md
+    assert "## Attack times" in md and "| defense | cgan_whitebox | structure | separate | linkage |" in md
+    assert "| PPFR-FD | 1.5 min | **11.7 min** (over 10 min) | n/a | 52 s |" in md
+    assert "Over the 10-minute limit per attack and defense**: structure on PPFR-FD (11.7 min)" in md
+    # a fixed headline: the same label for every row, no "strongest" wording
+    fixed = B.render_markdown(_payload_of([ppfr, k2], labels, head="cgan_whitebox", kinds={"linkage": "linkage"}),
+                              tmp_path / "r.md")
+    row = [c.strip() for c in next(line for line in fixed.splitlines()
+                                   if line.startswith("| PPFR-FD |")).strip("|").split("|")]
+    assert row[cols.index("attack")] == "cgan_whitebox" and row[cols.index("rank-1 (%)")] == "0.0"
 
 
 # ---- the whole pipeline on real faces (tiny budget) --------------------------------------------------------------
@@ -231,7 +367,23 @@ def test_tiny_benchmark_writes_report_json_and_pngs(tiny_bench):
     assert "policy_state" in rows["adaptive"]["attacks"]["victim_defense"]["state"]            # the trained policy
     assert rows["unprotected"]["mask_seed"] == 1 and p["attack_settings"]["defense_seed"] == 3
     assert Image.open(out / "results" / "privacy_utility.png").size[0] > 600
-    assert "## Targets (issue 7)" in md and "## Appendix: runs, configs and seeds" in md
+    assert f"## {p['targets']['title']}" in md and "## Appendix: runs, configs and seeds" in md
+    # the strongest query attack per defense; release attacks against mixes; linkage in its own column
+    for key, r in rows.items():
+        att = r["attacks"]["attacks"]
+        best = max(a["rank1"] for a in att.values() if "mixed" not in a)
+        assert B.report.headline(r, "strongest")["rank1"] == best
+        assert ("structure" in att) == (key != "unprotected" and key != "arl")       # block-DCT releases
+        assert ("separate" in att) == (key in ("fixed_k2", "adaptive"))               # training-time mixes
+        if "separate" in att:
+            m = att["separate"]["mixed"]
+            assert 0.0 <= m["rank1_dominant"] <= m["rank1_any"] <= 1.0
+        lk = r["attacks"]["linkage"]["linkage"]
+        assert 0.0 <= lk["rank1"] <= lk["rank5"] <= 1.0 and 0.0 <= lk["tar@far=0.001"] <= 1.0 and lk["seconds"] >= 0
+        assert "linkage" not in att
+    for c in ("| attack |", "training releases: rank-1 dominant / any (%)", "linkage rank-1 / TAR@FAR=1e-3 (%)",
+              "## Attack times", "## Linkage"):
+        assert c in md
     assert "![privacy-utility](results/privacy_utility.png)" in md
 
 
