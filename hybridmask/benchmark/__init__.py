@@ -16,10 +16,13 @@ For each defense of the benchmark config (one training config each) it runs
 3. **verify**: LFW and CFP-FP as the run's ``results.json`` reports them (a run that reports none is
    verified here with its recognizer);
 4. **attack**: the attacks of ``attacks.run`` (registered attacks with their parameters) that apply to
-   the defense's capabilities, scored by :func:`hybridmask.attacks.harness.evaluate_defense` on LFW
-   victims no model saw, judged by SFace (:mod:`.attack_plan`);
+   the defense's capabilities, scored by :func:`hybridmask.attacks.harness.evaluate_defense`
+   (reconstruction attacks, judged by SFace) or :func:`hybridmask.attacks.harness.evaluate_linkage`
+   (linkage attacks) on LFW victims no model saw (:mod:`.attack_plan`);
 
-then writes the Markdown report (``templates/report.md.j2``: one table, the target checks of the
+then writes the Markdown report (``templates/report.md.j2``: one table whose privacy columns come from
+each defense's strongest query attack (``attacks.headline: strongest``), with training-release and
+linkage columns, every attack, attack times, the target checks of the
 config's ``targets:``, the literature comparison, notes, an appendix with every config),
 ``results.json``, a privacy-utility scatter and one reconstruction grid per defense, all atomically.
 ``--budget`` picks a section of the benchmark config (``tiny`` smoke run, ``small`` CPU, ``full`` GPU).
