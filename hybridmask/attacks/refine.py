@@ -1,13 +1,16 @@
-"""Learned refinement on top of a structure-aware reconstruction (issue 12 item 5): a U-Net that
-corrects a rough reconstruction, ``clamp(rough + G(rough), -1, 1)``, trained with an L1 loss on pairs the
-attacker builds from its own faces (its own releases through the same pipeline -> its own originals).
-It starts from the reconstruction, never from the raw release, and outputs 112x112."""
+"""What the structure-aware reconstructions share (``structure``, ``separate``): the public structure and
+the attacker's priors learned from its own faces (:class:`BDCTReconstruction`), the planes <-> face
+conversions (exact unmix, dropped-DC recovery, inverse BDCT), and the learned refinement (issue 12 item
+5): a U-Net that corrects a rough reconstruction, ``clamp(rough + G(rough), -1, 1)``, trained with an L1
+loss on pairs the attacker builds from its own faces (its own releases through the same pipeline -> its
+own originals). It starts from the reconstruction, never from the raw release, and outputs 112x112."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .base import FACE_SIZE, Param, batched, iterate_minibatches
+from . import algebra
+from .base import FACE_SIZE, Attack, Param, batched, iterate_minibatches
 from .nets import UNetGenerator
 
 #: the parameters every structure-aware reconstruction declares: dropped-DC handling and the refinement
@@ -49,4 +52,40 @@ class Refiner:
         return batched(lambda r: self._forward(r.to(self.device)), rough).cpu()
 
 
-__all__ = ["Refiner", "RECONSTRUCTION_PARAMS"]
+class BDCTReconstruction(Attack):
+    """Base of the attacks that invert BDCT releases through their public structure."""
+
+    def begin_structure(self, defense, public_images: torch.Tensor) -> torch.Tensor:
+        """:meth:`begin_fit` + the public :class:`~hybridmask.defenses.base.Structure` and the attacker's
+        priors from its own faces (mean block DC per colour); returns its faces' full BDCT."""
+        reason = self.applicable(defense)
+        if reason:
+            raise ValueError(f"attack {self.name!r}: {reason}")
+        self.pool = self.begin_fit(defense, public_images)
+        self.structure = self.defense.structure()
+        self.kept = list(self.structure.kept)
+        with torch.no_grad():
+            full = batched(self.structure.bdct, self.pool)                  # the attacker's own BDCT
+        self.prior_dc = full[:, list(algebra.DC_CHANNELS)].double().mean(0)
+        self.dc_dropped = [c for c in algebra.DC_CHANNELS if c not in self.kept]
+        return full
+
+    def planes(self, released: torch.Tensor) -> torch.Tensor:
+        """Released coefficients -> the (permuted) BDCT planes: the public neighbour mix undone (float64)."""
+        released = released.double()
+        return algebra.unmix_neighbour(released) if self.structure.channel_mix == "neighbour" else released
+
+    def to_faces(self, ordered: torch.Tensor) -> torch.Tensor:
+        """Planes in kept-channel order -> faces: dropped channels zero, dropped DC recovered (``dc``)."""
+        full = algebra.release_planes(ordered, self.kept)
+        if self.dc_dropped:
+            dc = self.params["dc"]
+            if dc == "solve":
+                full = algebra.fill_dc(full, self.prior_dc)
+            elif dc == "prior":
+                full[:, self.dc_dropped] = self.prior_dc[[algebra.DC_CHANNELS.index(c)
+                                                          for c in self.dc_dropped]].unsqueeze(0)
+        return algebra.to_face(full.float(), self.structure.bdct)
+
+
+__all__ = ["Refiner", "RECONSTRUCTION_PARAMS", "BDCTReconstruction"]

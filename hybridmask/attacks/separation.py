@@ -57,10 +57,9 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from . import algebra
 from .assignment import PlaneClassifier, fit_plane_classifier, slot_log_probs
-from .base import Attack, Param, batched, check_defense, check_faces, register_attack
-from .refine import RECONSTRUCTION_PARAMS, Refiner
+from .base import Param, check_defense, check_faces, register_attack
+from .refine import RECONSTRUCTION_PARAMS, BDCTReconstruction, Refiner
 
 #: the lowest AC channels of Y (index in the 8x8 block) whose slot counts estimate k
 LOW_AC = (1, 8, 9, 2, 16)
@@ -113,7 +112,7 @@ def separate_slots(maps: np.ndarray, log_probs: np.ndarray, energy: np.ndarray, 
 
 
 @register_attack("separate")
-class SeparationAttack(Attack):
+class SeparationAttack(BDCTReconstruction):
     """Mixture separation of training-time MixUp releases: the dominant face (and every face) of each mix."""
 
     name = "separate"
@@ -169,8 +168,8 @@ class SeparationAttack(Attack):
                 kk = None if self.per_face_k else min(self.k_public, x.shape[0])
                 draw = d.draw(x, kk)
                 rel, rec = d.apply(x, draw)
-                z = self._planes(rel)
-                enc = self._planes(d.encode(x, draw))          # each own face shuffled, before mixing
+                z = self.planes(rel)
+                enc = self.planes(d.encode(x, draw))          # each own face shuffled, before mixing
             b, kmax = rec.indices.shape
             w = rec.weights.double()
             comp_e = torch.stack([w[:, j].view(b, 1) ** 2 * enc[rec.indices[:, j]].pow(2).mean(dim=(2, 3))
@@ -183,11 +182,6 @@ class SeparationAttack(Attack):
             recs.append(rec)
         return torch.cat(planes), torch.cat(chans), torch.cat(owners), recs
 
-    def _planes(self, released: torch.Tensor) -> torch.Tensor:
-        if self.structure.channel_mix == "neighbour":
-            return algebra.unmix_neighbour(released.double())
-        return released.double()
-
     def _fit_classifier(self, planes: torch.Tensor, labels: torch.Tensor) -> PlaneClassifier:
         with self.seeded():
             return fit_plane_classifier(planes, labels, epochs=self.params["classifier_epochs"],
@@ -196,25 +190,15 @@ class SeparationAttack(Attack):
     # ---- fit -------------------------------------------------------------------------------------
     def fit(self, defense, public_images, public_labels=None):
         p = self.params
-        reason = self.applicable(defense)
-        if reason:
-            raise ValueError(f"attack 'separate': {reason}")
-        imgs = self.begin_fit(defense, public_images)
-        st = self.defense.structure()
-        self.structure = st
-        self.kept = list(st.kept)
+        full = self.begin_structure(defense, public_images)
+        imgs, st = self.pool, self.structure
         self.per_face_k = st.k is None
         self.k_public = st.k if st.k is not None else int(self.defense.max_k)
         self.k_range = self._k_range()
-        with torch.no_grad():
-            full = batched(st.bdct, imgs)
-        self.prior_dc = full[:, list(algebra.DC_CHANNELS)].double().mean(0)
         self.prior_energy = full[:, self.kept].double().pow(2).mean(dim=(0, 2, 3))     # (C,) per kept channel
-        self.dc_dropped = [c for c in algebra.DC_CHANNELS if c not in self.kept]
         planes, chans, owners, recs = self._own_releases(imgs)
         self.classifier = self._fit_classifier(planes, chans)
         self._fit_k_estimator(planes, recs)
-        self.pool = imgs
         self.fitted = True
         if p["refine_epochs"] > 0:
             self._fit_refiner(imgs, planes, owners)
@@ -297,7 +281,7 @@ class SeparationAttack(Attack):
                 w = amp / amp.sum().clamp_min(1e-20)
                 ordered = ordered / w.clamp_min(0.05).view(k, 1, 1, 1)
             top = int(g_energy.argmax())       # measured: picks the dominant face as often as the weights do
-            faces = self._to_faces(ordered)
+            faces = self.to_faces(ordered)
             dominant.append(faces[top])
             all_faces.append(faces)
             kept_ks.append(k)
@@ -312,17 +296,6 @@ class SeparationAttack(Attack):
             return dom, torch.tensor(group_owner)
         self.info["k_used"] = {int(k): kept_ks.count(k) for k in sorted(set(kept_ks))}
         return dom, all_faces
-
-    def _to_faces(self, ordered: torch.Tensor) -> torch.Tensor:
-        full = algebra.release_planes(ordered, self.kept)
-        if self.dc_dropped:
-            dc = self.params["dc"]
-            if dc == "solve":
-                full = algebra.fill_dc(full, self.prior_dc)
-            elif dc == "prior":
-                full[:, self.dc_dropped] = self.prior_dc[[algebra.DC_CHANNELS.index(c)
-                                                          for c in self.dc_dropped]].unsqueeze(0)
-        return algebra.to_face(full.float(), self.structure.bdct)
 
     # ---- attack ----------------------------------------------------------------------------------
     def observe(self, defense, victim_images):
@@ -341,7 +314,7 @@ class SeparationAttack(Attack):
         if released.dim() != 4 or released.shape[1] != len(self.kept):
             raise ValueError(f"attack 'separate' expects (B, {len(self.kept)}, g, g) releases, "
                              f"got {tuple(released.shape)}")
-        dom, faces = self._separate(self._planes(released))
+        dom, faces = self._separate(self.planes(released))
         self.last_faces = faces
         return dom.cpu() if self.refiner is None else self.refiner(dom)
 

@@ -30,14 +30,13 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from . import algebra
 from .assignment import assign, fit_plane_classifier, slot_log_probs, unshuffle
-from .base import Attack, Param, batched, check_defense, check_faces, register_attack
-from .refine import RECONSTRUCTION_PARAMS, Refiner
+from .base import Param, batched, check_defense, check_faces, register_attack
+from .refine import RECONSTRUCTION_PARAMS, BDCTReconstruction, Refiner
 
 
 @register_attack("structure")
-class StructureAttack(Attack):
+class StructureAttack(BDCTReconstruction):
     """Exact algebra + channel assignment + DC recovery (+ U-Net refinement) against BDCT releases."""
 
     name = "structure"
@@ -46,7 +45,7 @@ class StructureAttack(Attack):
         Param("n_images", int, 800, range=(8, None), optional=True,
               doc="attacker's public faces used to learn plane signatures and to train the refinement"),
         Param("assignment", str, "auto", choices=("auto", "sample", "key", "none"),
-              doc="auto: per query for shuffle='sample', once per client for 'key', none when unshuffled"),
+              doc="auto: per query for shuffle='sample' and 'keys:R', once per client for 'key', none when unshuffled"),
         Param("client_queries", int, 256, range=(0, 100_000),
               doc="other queries of the same client the attacker sees (client-key assignment only)"),
         Param("classifier_epochs", int, 8, range=(1, 1000), doc="epochs of the plane classifier"),
@@ -68,25 +67,20 @@ class StructureAttack(Attack):
     # ---- fit -------------------------------------------------------------------------------------
     def fit(self, defense, public_images, public_labels=None):
         p = self.params
-        reason = self.applicable(defense)
-        if reason:
-            raise ValueError(f"attack 'structure': {reason}")
-        imgs = self.begin_fit(defense, public_images)
-        st = self.defense.structure()
-        self.structure = st
-        self.kept = list(st.kept)
+        full = self.begin_structure(defense, public_images)
+        imgs, st = self.pool, self.structure
         mode = p["assignment"]
-        self.assignment = {"sample": "sample", "key": "key", "none": "none"}[st.shuffle] if mode == "auto" else mode
-        with torch.no_grad():
-            full = batched(st.bdct, imgs)                                    # the attacker's own BDCT
-        self.prior_dc = full[:, list(algebra.DC_CHANNELS)].mean(0)
-        self.dc_dropped = [c for c in algebra.DC_CHANNELS if c not in self.kept]
+        if mode == "auto":
+            # keys:R (one of R client keys per query): the per-query assignment; an attack that clusters
+            # the client's queries by key and assigns once per cluster is left to do
+            mode = "sample" if st.shuffle.startswith("keys:") else {"sample": "sample", "key": "key",
+                                                                     "none": "none"}[st.shuffle]
+        self.assignment = mode
         self.classifier = None
         if self.assignment != "none":
             with self.seeded():
                 self.classifier = fit_plane_classifier(full[:, self.kept], epochs=p["classifier_epochs"],
                                                        hidden=p["classifier_hidden"], generator=self.generator)
-        self.pool = imgs
         if p["refine_epochs"] > 0:
             self._fit_refiner(imgs)
         self.fitted = True
@@ -101,11 +95,6 @@ class StructureAttack(Attack):
         self.refiner.fit(rough, imgs, p["refine_epochs"], p["batch_size"], p["lr"], self.generator)
 
     # ---- the pipeline ----------------------------------------------------------------------------
-    def _planes(self, released: torch.Tensor) -> torch.Tensor:
-        if self.structure.channel_mix == "neighbour":
-            return algebra.unmix_neighbour(released)
-        return released
-
     def _channels(self, planes: torch.Tensor, extra: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, C) channel index (into ``kept``) of every slot."""
         b, c = planes.shape[:2]
@@ -121,21 +110,12 @@ class StructureAttack(Attack):
 
     def _reconstruct(self, released: torch.Tensor, own: bool = False,
                      traffic: Optional[torch.Tensor] = None) -> torch.Tensor:
-        planes = self._planes(released.double())
-        extra = None if traffic is None else self._planes(traffic.double())
+        planes = self.planes(released)
+        extra = None if traffic is None else self.planes(traffic)
         slot_channel = self._channels(planes, extra)
         if not own:
             self.last_assignment = slot_channel
-        ordered = unshuffle(planes, slot_channel)
-        full = algebra.release_planes(ordered, self.kept)
-        if self.dc_dropped:
-            dc = self.params["dc"]
-            if dc == "solve":
-                full = algebra.fill_dc(full, self.prior_dc.double())
-            elif dc == "prior":
-                full[:, self.dc_dropped] = self.prior_dc.double()[[algebra.DC_CHANNELS.index(c)
-                                                                    for c in self.dc_dropped]].unsqueeze(0)
-        return algebra.to_face(full.float(), self.structure.bdct)
+        return self.to_faces(unshuffle(planes, slot_channel))
 
     # ---- attack ----------------------------------------------------------------------------------
     def observe(self, defense, victim_images):
@@ -164,7 +144,7 @@ class StructureAttack(Attack):
         permutations (``true_perm[b, i]``: the kept index of slot i) - for the report only."""
         got = self.last_assignment
         right = (got == true_perm.to(got.device)).double()
-        energy = self._planes(released.double()).pow(2).mean(dim=(2, 3))
+        energy = self.planes(released).pow(2).mean(dim=(2, 3))
         return {"slots_right": float(right.mean()), "energy_right": float((right * energy).sum() / energy.sum())}
 
     def report(self) -> Dict[str, Any]:
