@@ -51,7 +51,7 @@ class HybridMask(nn.Module):
     Args:
         u: upsampling factor of the BDCT (1 -> 14x14 grid, 2 -> 28x28, 8 -> 112x112).
         drop: channels to drop (``"dc"``, ``"lowN"``, ``"none"`` or indices).
-        shuffle / mix: PPFR-FD fast masking (``"sample"|"key"|"none"`` / ``"neighbour"|"none"``).
+        shuffle / mix: PPFR-FD fast masking (``"sample"|"key"|"keys:R"|"none"`` / ``"neighbour"|"none"``).
         k: default number of faces per mix (int, per-sample tensor, or callable). 1 = no MixUp.
         weights, max_weight, alpha, granularity: see :class:`FreqMixUp`.
         order: ``"mask_mix"`` or ``"mix_mask"``.
@@ -106,15 +106,18 @@ class HybridMask(nn.Module):
 
     # ---- secret state (for exact resume; keep it as secret as the key it is) -------------
     def secret_state(self) -> Dict[str, torch.Tensor]:
+        """The generator state and, with a client key (``shuffle="key"``/``"keys:R"``), its ``(R, C)`` ``keys``."""
         state = {"generator": generator_state(self.generator)}
-        if self.ppfrfd._key_perm is not None:
-            state["key_perm"] = self.ppfrfd._key_perm.clone()
+        if self.ppfrfd.keys is not None:
+            state["keys"] = self.ppfrfd.keys.clone()
         return state
 
     def load_secret_state(self, state: Dict[str, torch.Tensor]) -> None:
         set_generator_state(self.generator, state["generator"])
-        if "key_perm" in state:
-            self.ppfrfd._key_perm = state["key_perm"].clone()
+        if "keys" in state:
+            self.ppfrfd.set_keys(state["keys"])
+        elif "key_perm" in state:   # checkpoints written before keys:R (one key row)
+            self.ppfrfd.set_keys(state["key_perm"])
 
     # ---- the transform: draw the secrets, then apply them --------------------------------
     def encode(self, images: torch.Tensor, perm: Optional[torch.Tensor] = None) -> torch.Tensor:

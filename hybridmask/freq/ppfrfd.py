@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -23,8 +23,26 @@ from ..utils.rng import SeedLike, make_generator
 from ..utils.validate import check_freq
 from .channels import NUM_CHANNELS, ChannelSpec, split_channels
 
-SHUFFLE_MODES = ("sample", "key", "none")
+SHUFFLE_MODES = ("sample", "key", "keys:R", "none")
 MIX_MODES = ("neighbour", "none")
+
+
+def parse_shuffle(shuffle) -> Tuple[str, Optional[int]]:
+    """``shuffle`` -> ``(mode, number of key permutations)``: ``("sample", None)``, ``("none", None)``,
+    ``("key", 1)`` (also for ``"keys:1"``) or ``("keys:R", R)`` for R >= 2. Raises ``ValueError``."""
+    if isinstance(shuffle, str):
+        if shuffle in ("sample", "none"):
+            return shuffle, None
+        if shuffle == "key":
+            return "key", 1
+        if shuffle.startswith("keys:"):
+            r = shuffle[5:].strip()
+            if not r.isdigit() or int(r) < 1:
+                raise ValueError(f"shuffle='keys:R' needs an integer R >= 1 (the number of secret permutations), "
+                                 f"got {shuffle!r}")
+            r = int(r)
+            return ("key", 1) if r == 1 else (f"keys:{r}", r)
+    raise ValueError(f"shuffle must be one of {SHUFFLE_MODES} (e.g. 'keys:3'), got {shuffle!r}")
 
 
 class PPFRFD(nn.Module):
@@ -33,8 +51,7 @@ class PPFRFD(nn.Module):
     def __init__(self, drop: ChannelSpec = "dc", shuffle: str = "sample", mix: str = "neighbour",
                  seed: SeedLike = None):
         super().__init__()
-        if shuffle not in SHUFFLE_MODES:
-            raise ValueError(f"shuffle must be one of {SHUFFLE_MODES}, got {shuffle!r}")
+        shuffle, num_keys = parse_shuffle(shuffle)
         if mix not in MIX_MODES:
             raise ValueError(f"mix must be one of {MIX_MODES}, got {mix!r}")
         self.dropped, self.kept = split_channels(drop)
@@ -43,8 +60,27 @@ class PPFRFD(nn.Module):
         self.mix = mix
         self.generator = make_generator(seed)
         self.register_buffer("kept_index", torch.tensor(self.kept, dtype=torch.long), persistent=False)
-        # the client key for shuffle="key": drawn once from the secret generator
-        self._key_perm = torch.randperm(len(self.kept), generator=self.generator) if shuffle == "key" else None
+        self.num_keys = num_keys
+        # the client key (shuffle="key" / "keys:R"): R permutations drawn once from the secret generator
+        self.keys: Optional[torch.Tensor] = None if num_keys is None else torch.stack(
+            [torch.randperm(len(self.kept), generator=self.generator) for _ in range(num_keys)])
+
+    def set_keys(self, keys: torch.Tensor) -> None:
+        """Install a client key: ``(R, C_kept)`` permutations (a single ``(C_kept,)`` row for R=1)."""
+        if self.num_keys is None:
+            raise ValueError(f"this PPFR-FD has no client key (shuffle={self.shuffle!r}); a key needs "
+                             f"shuffle='key' or 'keys:R'")
+        keys = torch.as_tensor(keys)
+        if keys.dim() == 1:
+            keys = keys.unsqueeze(0)
+        c = len(self.kept)
+        if tuple(keys.shape) != (self.num_keys, c):
+            raise ValueError(f"client key must have shape ({self.num_keys}, {c}) for shuffle={self.shuffle!r} with "
+                             f"{c} kept channels, got {tuple(keys.shape)}")
+        keys = keys.long()
+        if not bool((keys.sort(dim=1).values == torch.arange(c)).all()):
+            raise ValueError("client key rows must be permutations of the kept channels")
+        self.keys = keys.clone()
 
     @property
     def out_channels(self) -> int:
@@ -63,8 +99,10 @@ class PPFRFD(nn.Module):
         c = len(self.kept)
         if self.shuffle == "none":
             return None
-        if self.shuffle == "key":
-            return self._key_perm.unsqueeze(0).expand(batch, c)
+        if self.num_keys == 1:
+            return self.keys[0].unsqueeze(0).expand(batch, c)
+        if self.num_keys is not None:   # keys:R: one of the R keys per sample, drawn in secret
+            return self.keys[torch.randint(self.num_keys, (batch,), generator=self.generator)]
         return torch.rand(batch, c, generator=self.generator).argsort(dim=1)
 
     def scramble(self, kept: torch.Tensor) -> torch.Tensor:
