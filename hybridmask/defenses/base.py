@@ -24,7 +24,9 @@ does when a policy picks k from the encoded batch.
 **Persistence**: ``config`` (plain constructor arguments, no secrets) + :meth:`defense_state`
 (learned values: DCTDP's budgets, the adaptive policy's weights, ARL's networks) rebuild a trained
 defense; :meth:`secret_state` (generator states, client key) restores the secrets for an exact
-resume and is as secret as the key. :func:`hybridmask.defenses.io.load_defense` is the one way to
+resume and is as secret as the key. :meth:`client_key` / :meth:`use_client_key`: the key a model
+trained behind a keyed defense needs at query time (saved apart, mode 0600, by
+:func:`hybridmask.defenses.io.save_client_key`). :func:`hybridmask.defenses.io.load_defense` is the one way to
 rebuild a defense from a name, a YAML file, a checkpoint or a run folder.
 
 Randomness that protects privacy comes from the defense's own generator (``seed=None`` = secure OS
@@ -52,8 +54,8 @@ class Structure:
 
     transform:   ``"identity"`` (pixels), ``"bdct"`` (the public block DCT ``bdct``) or ``"learned"``.
     kept:        the BDCT channels released, in release order before any secret shuffle.
-    shuffle:     secret channel permutation: ``"sample"`` (fresh per face), ``"key"`` (one client key)
-                 or ``"none"``.
+    shuffle:     secret channel permutation: ``"sample"`` (fresh per face), ``"key"`` (one client key),
+                 ``"keys:R"`` (R client keys, one drawn per face; R >= 2) or ``"none"``.
     channel_mix: public channel mixing after the shuffle (``"neighbour"``: ``(I + S)/sqrt(2)``) or ``"none"``.
     sign_flip:   a fresh secret sign per released value (InstaHide).
     noise:       additive secret noise (``"laplace"``) or ``"none"``.
@@ -231,6 +233,17 @@ class Defense(nn.Module):
             raise ValueError(f"defense {self.name!r} has no secret generator to restore")
         set_generator_state(gen, state["generator"])
 
+    def client_key(self) -> Optional[torch.Tensor]:
+        """The client key: secret values fixed for the defense's lifetime that a recognizer trained behind it
+        needs at query time (PPFR-FD's ``shuffle="key"``/``"keys:R"``: the ``(R, C)`` permutations); None for
+        a defense without one. As secret as :meth:`secret_state`; saved apart from the model
+        (:func:`hybridmask.defenses.io.save_client_key`)."""
+        return None
+
+    def use_client_key(self, key: torch.Tensor) -> None:
+        """Install a client key from :meth:`client_key` (of the defense a model was trained behind)."""
+        raise ValueError(f"defense {self.name!r} has no client key")
+
 
 @register_defense("none")
 class NoDefense(Defense):
@@ -263,7 +276,8 @@ class MaskDefense(Defense):
     def __init__(self, own: Dict[str, Any], seed: SeedLike = None, **mask_kwargs):
         super().__init__(**own)  # the defense's own constructor arguments, for create_defense(**config)
         self.mask = HybridMask(seed=seed, **mask_kwargs)
-        self.stochastic = self.mask.ppfrfd.shuffle == "sample" or self.mixes
+        # a fresh draw per release: per-sample shuffles, one of R keys per sample (keys:R), or MixUp
+        self.stochastic = self.mask.ppfrfd.shuffle not in ("key", "none") or self.mixes
         self.generator = self.mask.generator
 
     @property
@@ -315,6 +329,16 @@ class MaskDefense(Defense):
     def load_secret_state(self, state):
         if state is not None:
             self.mask.load_secret_state(state)
+
+    def client_key(self) -> Optional[torch.Tensor]:
+        keys = self.mask.ppfrfd.keys
+        return None if keys is None else keys.clone()
+
+    def use_client_key(self, key: torch.Tensor) -> None:
+        try:
+            self.mask.ppfrfd.set_keys(key)
+        except ValueError as e:
+            raise ValueError(f"defense {self.name!r}: {e}") from None
 
 
 @register_defense("freq_only")

@@ -14,12 +14,23 @@ in ``extra`` (recognizers ``hybridmask.recognizer``). Policy files (``hybridmask
 adaptive defense with that policy. Nothing secret is read from any of them: every rebuilt defense
 draws fresh secrets (``seed=None``: secure OS seed). A checkpoint that records no defense raises
 :class:`DefenseNotRecordedError`: a checkpoint never silently means "no defense".
+
+**Client keys.** A defense with a client key (PPFR-FD's ``shuffle="key"`` / ``"keys:R"``) needs the
+same key at query time as in training. The key lives in its own file, written by
+:func:`save_client_key` (mode 0600: as secret as the key); a checkpoint records only its SHA-256
+``key_fingerprint``. ``load_defense(model.pt, key=PATH)`` installs the key and refuses another key
+(:class:`ClientKeyMismatchError`); without ``key=`` a keyed model's defense draws a fresh key and
+``load_defense`` warns that its queries will not match the model.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import torch
 
 from ..utils import atomic_save, read_yaml_mapping, safe_torch_load
 from ..utils.rng import SeedLike
@@ -30,6 +41,7 @@ PathLike = Union[str, os.PathLike]
 DEFENSE_FORMAT = "hybridmask.defense"
 RECOGNIZER_FORMAT = "hybridmask.recognizer"
 POLICY_FORMAT = "hybridmask.policy"
+CLIENT_KEY_FORMAT = "hybridmask.client_key"
 TRAINER_FORMAT = "hybridmask.trainer"
 #: file names a run folder may hold its defense in, in the order they are looked for
 RUN_FILES = ("defense.pt", "model.pt", os.path.join("ckpt", "last.pt"))
@@ -39,10 +51,72 @@ class DefenseNotRecordedError(ValueError):
     """A checkpoint that does not say which defense its model was trained behind."""
 
 
+class ClientKeyMismatchError(ValueError):
+    """A client key that is not the one the model was trained with."""
+
+
 # ---- records ---------------------------------------------------------------------------------------
 def defense_record(defense: Defense) -> Dict[str, Any]:
-    """``{"defense": config, "defense_state": learned values}``: what every checkpoint stores."""
-    return {"defense": _plain(defense.config), "defense_state": defense.defense_state() or None}
+    """``{"defense": config, "defense_state": learned values}``: what every checkpoint stores; plus the
+    ``key_fingerprint`` (never the key) of a defense with a client key."""
+    record = {"defense": _plain(defense.config), "defense_state": defense.defense_state() or None}
+    key = defense.client_key()
+    if key is not None:
+        record["key_fingerprint"] = key_fingerprint(key)
+    return record
+
+
+# ---- client keys -----------------------------------------------------------------------------------
+def key_fingerprint(keys: torch.Tensor) -> str:
+    """SHA-256 (hex) of a client key's bytes (as int64, C order): safe to store beside a model."""
+    keys = torch.as_tensor(keys).detach().to("cpu", torch.int64).contiguous()
+    return hashlib.sha256(keys.numpy().tobytes()).hexdigest()
+
+
+def save_client_key(path: PathLike, defense: Defense) -> str:
+    """Write ``defense``'s client key to ``path`` (mode 0600, atomically); returns its fingerprint.
+    Raises ``ValueError`` for a defense without a client key."""
+    keys = defense.client_key()
+    if keys is None:
+        raise ValueError(f"defense {defense.name!r} has no client key to save")
+    fp = key_fingerprint(keys)
+    atomic_save({"format": CLIENT_KEY_FORMAT, "format_version": 1, "keys": keys.detach().cpu().clone(),
+                 "fingerprint": fp, "defense": _plain(defense.config)}, path, private=True)
+    return fp
+
+
+def load_client_key(path: PathLike) -> Dict[str, Any]:
+    """A client key file -> ``{"keys": tensor, "fingerprint": str, "defense": config}`` (checked)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"client key file not found: {path}")
+    blob = safe_torch_load(path)
+    if not isinstance(blob, Mapping) or blob.get("format") != CLIENT_KEY_FORMAT:
+        raise ValueError(f"{path} is not a hybridmask client key file (format {CLIENT_KEY_FORMAT!r})")
+    keys = blob.get("keys")
+    if not isinstance(keys, torch.Tensor) or keys.dim() != 2 or keys.dtype.is_floating_point:
+        raise ValueError(f"{path}: 'keys' must be an (R, C) integer tensor")
+    fp = key_fingerprint(keys)
+    if blob.get("fingerprint") != fp:
+        raise ValueError(f"{path}: the key does not match its recorded fingerprint (the file is corrupted)")
+    return {"keys": keys, "fingerprint": fp, "defense": blob.get("defense")}
+
+
+def install_client_key(defense: Defense, key: PathLike, expected: Optional[str] = None,
+                       where: str = "defense") -> Defense:
+    """Install the client key of the file ``key`` into ``defense``; ``expected``: the fingerprint the
+    model was trained with (a different key raises :class:`ClientKeyMismatchError`)."""
+    loaded = load_client_key(key)
+    if expected is not None and loaded["fingerprint"] != expected:
+        raise ClientKeyMismatchError(
+            f"{where}: this model was trained with another client key ({key} has fingerprint "
+            f"{loaded['fingerprint'][:12]}..., the model records {str(expected)[:12]}...); pass the key file "
+            f"saved by its training run (<run>/client_key.pt or its run.key_path)")
+    try:
+        defense.use_client_key(loaded["keys"])
+    except ValueError as e:
+        raise ValueError(f"{where}: cannot use the client key {key}: {e}") from None
+    return defense
 
 
 def save_defense(path: PathLike, defense: Defense, extra: Optional[Mapping[str, Any]] = None) -> None:
@@ -135,8 +209,9 @@ def _adaptive_masking(blob: Mapping[str, Any], path: PathLike) -> Dict[str, Any]
 
 
 def defense_from_checkpoint(path: PathLike, seed: SeedLike = None,
-                            overrides: Optional[Mapping[str, Any]] = None) -> Defense:
-    """The defense a hybridmask file records (see the module doc), with fresh secrets."""
+                            overrides: Optional[Mapping[str, Any]] = None, key: Optional[PathLike] = None) -> Defense:
+    """The defense a hybridmask file records (see the module doc), with fresh secrets; ``key``: a client
+    key file (:func:`save_client_key`), checked against the checkpoint's ``key_fingerprint``."""
     path = Path(path)
     blob = safe_torch_load(path)
     if not isinstance(blob, dict):
@@ -148,6 +223,14 @@ def defense_from_checkpoint(path: PathLike, seed: SeedLike = None,
             f"defense explicitly (e.g. --defense none for an unprotected recognizer)")
     defense = build_defense(config, state, seed, overrides, where=str(path))
     check_fits_model(defense, blob.get("model_config"), str(path))
+    holder = blob.get("extra") if blob.get("format") == RECOGNIZER_FORMAT else blob
+    expected = holder.get("key_fingerprint") if isinstance(holder, Mapping) else None
+    if key is not None:
+        install_client_key(defense, key, expected, where=str(path))
+    elif expected is not None:
+        warnings.warn(f"{path}: the model was trained with a client key, but no key file was given: the rebuilt "
+                      f"defense drew a fresh key, so its queries will not match the model's key (pass key=PATH, "
+                      f"or --key PATH: the run's client_key.pt)", UserWarning, stacklevel=3)
     return defense
 
 
@@ -177,7 +260,7 @@ def check_fits_model(defense: Defense, model_config: Optional[Mapping[str, Any]]
 
 
 def load_defense(spec: Union[str, PathLike, Mapping[str, Any]], seed: SeedLike = None,
-                 overrides: Optional[Mapping[str, Any]] = None) -> Defense:
+                 overrides: Optional[Mapping[str, Any]] = None, key: Optional[PathLike] = None) -> Defense:
     """The defense ``spec`` names, ``overrides`` (constructor arguments) on top, fresh secrets:
 
     * a mapping: a defense config (``{"name": ..., <args>}`` or a training config's ``defense:`` section);
@@ -186,23 +269,30 @@ def load_defense(spec: Union[str, PathLike, Mapping[str, Any]], seed: SeedLike =
       a run's own ``config.yaml`` gives the *trained* defense of that run;
     * any other file: a hybridmask checkpoint (:func:`defense_from_checkpoint`);
     * otherwise a registered defense name (``list_defenses()``).
+
+    ``key``: a client key file (:func:`save_client_key`) to install; a checkpoint's recorded
+    ``key_fingerprint`` must match it (:class:`ClientKeyMismatchError` otherwise).
     """
     if isinstance(spec, Mapping):
-        return build_defense(spec, None, seed, overrides)
+        return _with_key(build_defense(spec, None, seed, overrides), key, "defense config")
     s = str(spec)
     path = Path(s)
     if path.is_dir():
-        return defense_from_checkpoint(run_file(path), seed=seed, overrides=overrides)
+        return defense_from_checkpoint(run_file(path), seed=seed, overrides=overrides, key=key)
     if s.lower().endswith((".yaml", ".yml")):
         if path.name == "config.yaml" and any((path.parent / n).is_file() for n in RUN_FILES):
-            return defense_from_checkpoint(run_file(path.parent), seed=seed, overrides=overrides)
+            return defense_from_checkpoint(run_file(path.parent), seed=seed, overrides=overrides, key=key)
         cfg = read_yaml_mapping(path, "defense config")
         if isinstance(cfg.get("defense"), dict):
             cfg = cfg["defense"]
-        return build_defense(cfg, None, seed, overrides, where=str(path))
+        return _with_key(build_defense(cfg, None, seed, overrides, where=str(path)), key, str(path))
     if path.suffix.lower() in (".pt", ".pth", ".ckpt") or path.is_file():
-        return defense_from_checkpoint(path, seed=seed, overrides=overrides)
-    return build_defense({"name": s}, None, seed, overrides, where="defense name")
+        return defense_from_checkpoint(path, seed=seed, overrides=overrides, key=key)
+    return _with_key(build_defense({"name": s}, None, seed, overrides, where="defense name"), key, "defense name")
+
+
+def _with_key(defense: Defense, key: Optional[PathLike], where: str) -> Defense:
+    return defense if key is None else install_client_key(defense, key, None, where=where)
 
 
 def _plain(obj):
@@ -216,4 +306,5 @@ def _plain(obj):
 
 __all__ = ["load_defense", "save_defense", "build_defense", "defense_record", "defense_from_checkpoint",
            "recorded_defense", "split_config", "check_fits_model", "run_file", "DefenseNotRecordedError",
-           "DEFENSE_FORMAT"]
+           "DEFENSE_FORMAT", "CLIENT_KEY_FORMAT", "ClientKeyMismatchError", "key_fingerprint", "save_client_key",
+           "load_client_key", "install_client_key"]
