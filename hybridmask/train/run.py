@@ -5,6 +5,7 @@ Output folder ``<run.out_dir>/<run.name>/``::
     config.yaml     the resolved config            tb/          TensorBoard event files
     ckpt/last.pt    full trainer state (secret!)   model.pt     the recognizer (hybridmask.models.load_model)
     policy.pt       the trained policy (no secrets) + policy.md, its model card
+    client_key.pt   the defense's client key (shuffle="key"/"keys:R"; secret, 0600; or run.key_path)
     results.json    final verification, k histogram, utility, timings, history
 """
 from __future__ import annotations
@@ -95,7 +96,7 @@ def _run_hybridmask(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
 
 #: config keys a resumed run may change: they do not change what is trained
-RESUME_FREE = ("run.resume", "run.progress", "run.threads", "run.device", "run.allow_config_change",
+RESUME_FREE = ("run.resume", "run.progress", "run.threads", "run.device", "run.allow_config_change", "run.key_path",
                "data.num_workers", "data.cache", "train.log_every", "train.ckpt_every", "eval.")
 
 
@@ -129,7 +130,7 @@ def _resume_point(out: Path, run_cfg: Dict[str, Any]) -> Optional[Path]:
 def _train_in(out: Path, out_root: Path, name: str, cfg: Dict[str, Any], t_start: float, device, progress: bool,
               seed: int, rank: int, world: int, main: bool) -> Dict[str, Any]:
     from ..defenses.adaptive import save_policy
-    from ..defenses.io import build_defense, defense_record
+    from ..defenses.io import build_defense, defense_record, save_client_key
     from ..models import create_head, create_model, save_model
     from ..policy import LagrangianReward, Reinforce
     from .callbacks import Checkpoint, Logging, ProgressBar, Utility, Verification
@@ -182,6 +183,7 @@ def _train_in(out: Path, out_root: Path, name: str, cfg: Dict[str, Any], t_start
         raise ValueError("set the masking seed with run.mask_seed, not defense.args.seed")
     objects = {"policy": policy} if policy is not None else {}   # the defense mixes with the trainer's policy
     defense = build_defense(cfg["defense"], seed=mask_seed, where="defense", untrained=True, **objects)
+    key_path = _client_key_path(out, run_cfg, defense)
     grid = defense.grid_for(int(faces.images.shape[-1]))
     model = create_model(model_cfg["name"], stem=defense.input_kind, in_chans=defense.in_channels, grid=grid,
                          embedding_size=int(model_cfg["embedding_size"]),
@@ -240,6 +242,10 @@ def _train_in(out: Path, out_root: Path, name: str, cfg: Dict[str, Any], t_start
 
     results: Dict[str, Any] = {}
     if main:
+        if key_path is not None:   # the key first: a model that records a key fingerprint always has its key
+            save_client_key(key_path, defense)
+            if progress:
+                print(f"client key (secret, mode 0600; eval/attack need it: --key): {key_path}")
         save_model(out / "model.pt", model, head,
                    extra={**defense_record(defense), "run": str(name), "steps": trainer.global_step})
         verification = {}
@@ -253,6 +259,8 @@ def _train_in(out: Path, out_root: Path, name: str, cfg: Dict[str, Any], t_start
                           f"({m['pairs']} pairs, AUC {m.get('auc') or float('nan'):.4f})")
         paths = {"dir": str(out), "model": str(out / "model.pt"), "checkpoint": str(out / "ckpt" / "last.pt"),
                  "tensorboard": str(out / "tb")}
+        if key_path is not None:
+            paths["client_key"] = str(key_path)
         results = {
             "run": str(name), "method": "hybridmask", "config": _plain({k: v for k, v in cfg.items() if k != "_source_"}),
             "defense": _plain(defense.config), "model": _plain(model.config), "policy": policy_cfg.get("name"),
@@ -284,6 +292,20 @@ def _train_in(out: Path, out_root: Path, name: str, cfg: Dict[str, Any], t_start
     trainer.close()
     D.barrier()
     return results
+
+
+def _client_key_path(out: Path, run_cfg: Dict[str, Any], defense) -> Optional[Path]:
+    """Where the run saves its defense's client key (``run.key_path``, default ``<run>/client_key.pt``);
+    None for a defense without one."""
+    key_path = run_cfg.get("key_path")
+    if key_path is not None and (not isinstance(key_path, str) or not key_path.strip()):
+        raise ValueError(f"config key 'run.key_path' must be a file path (a string) or null, got {key_path!r}")
+    if defense.client_key() is None:
+        if key_path is not None:
+            raise ValueError(f"run.key_path is set but defense {defense.name!r} has no client key "
+                             f"(only shuffle='key' or 'keys:R' has one); remove run.key_path")
+        return None
+    return Path(os.path.expanduser(key_path)) if key_path is not None else out / "client_key.pt"
 
 
 def _run_arl(cfg: Dict[str, Any]) -> Dict[str, Any]:
