@@ -41,11 +41,12 @@ def _attack_args(items: List[str]) -> Dict[str, Dict[str, Any]]:
     return per
 
 
-def resolve_defense(spec: str, extra: Dict[str, Any], seed=None):
+def resolve_defense(spec: str, extra: Dict[str, Any], seed=None, key=None):
     """Build the victim's defense from a name, YAML file, checkpoint or run folder (see the module
-    docstring and :func:`hybridmask.defenses.io.load_defense`), ``extra`` constructor arguments on top."""
+    docstring and :func:`hybridmask.defenses.io.load_defense`), ``extra`` constructor arguments on top;
+    ``key``: a client key file to install (checked against a checkpoint's key fingerprint)."""
     from ..defenses.io import load_defense
-    return load_defense(spec, seed=seed, overrides=extra)
+    return load_defense(spec, seed=seed, overrides=extra, key=key)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                      "checkpoint (required)")
     p.add_argument("--defense-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="defense constructor argument (repeatable), e.g. k=4")
+    p.add_argument("--key", default=None, metavar="PATH",
+                   help="client key file of the victim's defense (a run's client_key.pt): the model's own key "
+                        "(checked against its fingerprint); default: a fresh key")
     p.add_argument("--attacks", default="cgan", help="comma-separated attacks (cgan, demix, embedding_inversion, gmi)")
     p.add_argument("--attack-arg", action="append", default=[], metavar="ATTACK.KEY=VALUE",
                    help="attack parameter (repeatable), e.g. cgan.epochs=2")
@@ -200,7 +204,8 @@ def run(args) -> int:
     stray = sorted(set(per) - set(names))
     if stray:
         raise ValueError(f"--attack-arg given for attacks that are not run: {', '.join(stray)}")
-    defense = resolve_defense(args.defense, _parse_kv(args.defense_arg, "--defense-arg"), seed=args.defense_seed)
+    defense = resolve_defense(args.defense, _parse_kv(args.defense_arg, "--defense-arg"), seed=args.defense_seed,
+                              key=getattr(args, "key", None))
     if not Path(args.data).is_dir():
         raise FileNotFoundError(f"data folder not found: {args.data}")
     t0 = time.time()

