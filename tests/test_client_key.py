@@ -115,6 +115,11 @@ def test_fingerprint_check_refuses_a_wrong_key(tmp_path):
     assert torch.equal(got.client_key(), d.client_key())
     with pytest.raises(ClientKeyMismatchError, match="this model was trained with another client key"):
         load_defense(tmp_path / "defense.pt", key=tmp_path / "wrong.pt")
+    from hybridmask.attacks.cli import resolve_defense   # hybridmask attack --key
+    with pytest.raises(ClientKeyMismatchError, match="another client key"):
+        resolve_defense(str(tmp_path / "defense.pt"), {}, key=str(tmp_path / "wrong.pt"))
+    assert torch.equal(resolve_defense(str(tmp_path / "defense.pt"), {}, key=str(tmp_path / "right.pt")).client_key(),
+                       d.client_key())
     with pytest.warns(UserWarning, match="will not match the model's key"):
         fresh = load_defense(tmp_path / "defense.pt")
     assert not torch.equal(fresh.client_key(), d.client_key())
