@@ -32,40 +32,12 @@ from typing import Any, Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from ..models.teacher import cosine_loss, mixed_target  # noqa: F401  (their home; re-exported here)
 from ..utils import HybridMaskInputError
 from .base import Attack, Param, batched, check_defense, check_faces, iterate_minibatches, register_attack
 
 #: where a release on a small grid enters SFace: the first layer working at 14x14 (256 channels)
 SMALL_GRID_ENTRY = "conv_7_conv2d"
-
-
-def mixed_target(teacher_emb: torch.Tensor, record=None, pool_emb: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The distillation target of each release: its own teacher embedding (no mix), or for a k-face mix the
-    ``label_weights``-weighted sum of the k sources' teacher embeddings, L2-renormalised.
-
-    ``teacher_emb``: (B, D) embeddings of the batch's clean faces; ``record``: the release's
-    :class:`~hybridmask.freq.MixRecord` (None: no mixing); ``pool_emb``: embeddings of the pool when the
-    partners came from a public pool (``record.source == "pool"``)."""
-    if teacher_emb.dim() != 2:
-        raise HybridMaskInputError(f"teacher embeddings must be (B, D), got {tuple(teacher_emb.shape)}")
-    if record is None:
-        return F.normalize(teacher_emb, dim=1)
-    idx = record.indices.to(teacher_emb.device).long()
-    w = record.label_weights.to(teacher_emb.device, teacher_emb.dtype)
-    if idx.shape != w.shape or idx.shape[0] != teacher_emb.shape[0]:
-        raise HybridMaskInputError(f"MixRecord of shape {tuple(idx.shape)} for {teacher_emb.shape[0]} embeddings")
-    if record.source == "pool":
-        if pool_emb is None:
-            raise HybridMaskInputError("the release mixed partners from a pool: pass pool_emb (their teacher embeddings)")
-        src = torch.cat([teacher_emb[:, None], pool_emb.to(teacher_emb)[idx[:, 1:]]], dim=1)   # (B, K, D)
-    else:
-        src = teacher_emb[idx]                                                                 # (B, K, D)
-    return F.normalize((w.unsqueeze(-1) * src).sum(1), dim=1)
-
-
-def cosine_loss(student_emb: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``mean(1 - cos(student, target))``."""
-    return (1.0 - F.cosine_similarity(student_emb, target, dim=1)).mean()
 
 
 @register_attack("linkage")
