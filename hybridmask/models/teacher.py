@@ -21,8 +21,8 @@ horizontal flips, computed once and stored in one file (``cache_dir``, default `
 * ``data``: SHA-256 over the tensor the caller passes (dtype, shape, raw bytes: for the trainer the
   uint8 image tensor, which is exactly what the teacher sees) and the labels (int64 bytes). Hashing
   the tensor rather than a file list means any change of the pixels -- other faces, other alignment,
-  another split or order -- is a different key, whatever files it came from (measured: ~0.3 s for the
-  5.2k CelebA faces);
+  another split or order -- is a different key, whatever files it came from (measured: 0.22 s on one thread for
+  5.2k 112x112 faces);
 * ``teacher_sha256``: SHA-256 of the teacher's file (the ONNX file or the checkpoint) and its kind;
 * ``preprocess``: image size, the flip (``"hflip"``, the last axis) and the input conversion
   (uint8 ``/ 127.5 - 1``), plus :data:`CACHE_FORMAT`.
