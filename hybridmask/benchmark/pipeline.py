@@ -76,7 +76,8 @@ def mean_k(results: Dict[str, Any]) -> Optional[int]:
 
 def load_victim(e: Entry, defense_seed: Optional[int]) -> Victim:
     from ..defenses.io import load_defense, run_file
-    defense = load_defense(e.run_dir, seed=defense_seed)
+    key = Path(e.run_dir) / "client_key.pt"   # a keyed run: the victims query with the client's real key
+    defense = load_defense(e.run_dir, seed=defense_seed, key=key if key.is_file() else None)
     return Victim(defense=defense, recognizer=run_recognizer(e.run_dir), source=str(run_file(e.run_dir)),
                   facts={"mean_k": mean_k(e.results or {})})
 

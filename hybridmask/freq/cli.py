@@ -18,12 +18,23 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 U_CHOICES = (1, 2, 4, 8)
 
 
+def _shuffle(text: str) -> str:
+    import argparse
+    from .ppfrfd import parse_shuffle
+    try:
+        parse_shuffle(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="folder of aligned 112x112 faces (searched recursively)")
     p.add_argument("dst", help="output folder for the PNG views (same sub-folder layout)")
     p.add_argument("--u", type=int, default=1, choices=U_CHOICES, help="BDCT upsampling factor (1, 2, 4, 8)")
     p.add_argument("--drop", default="dc", help="channels to drop: dc, lowN, none")
-    p.add_argument("--shuffle", default="sample", choices=["sample", "key", "none"])
+    p.add_argument("--shuffle", default="sample", type=_shuffle,
+                   help="sample (a fresh secret permutation per face) | key (one client key) | keys:R | none")
     p.add_argument("--mix", default="neighbour", choices=["neighbour", "none"])
     p.add_argument("--seed", type=int, default=None, help="seed for tests only; default: secure OS seed")
 
