@@ -81,6 +81,9 @@ class CheckpointMixin:
             "optimizer": self.optimizer.state_dict(), "scheduler": opt_state(self.scheduler),
             "policy": opt_state(self.policy), "policy_optim": opt_state(self.policy_optim),
             "reward": opt_state(self.reward),
+            "distill": None if getattr(self, "distill", None) is None else {
+                "weight": self.distill.weight, "margin": self.distill.margin,
+                "projection": opt_state(self.distill.projection)},
             **defense_record(self.defense), "defense_learned": self.learn_defense,
             "defense_optim": opt_state(self.defense_optim) if self.learn_defense else None,
             "defense_scheduler": opt_state(self.defense_scheduler) if self.learn_defense else None,
@@ -111,6 +114,13 @@ class CheckpointMixin:
             if (obj is None) != (state.get(key) is None):
                 raise ValueError(f"checkpoint and trainer disagree on the {what}: the checkpoint "
                                  f"{'has' if state.get(key) is not None else 'has no'} {what} state")
+        dist, ours = state.get("distill"), getattr(self, "distill", None)
+        if (dist is None) != (ours is None):
+            raise ValueError(f"checkpoint and trainer disagree on distillation: the checkpoint was trained "
+                             f"{'with' if dist is not None else 'without'} a teacher")
+        if dist is not None and (dist.get("projection") is None) != (ours.projection is None):
+            raise ValueError("checkpoint and trainer disagree on the distillation projection (the student's and the "
+                             "teacher's embedding sizes)")
         learned = bool(state.get("defense_learned", state.get("defense_optim") is not None
                                  or state.get("defense_state") is not None))
         if learned != self.learn_defense:
@@ -130,6 +140,8 @@ class CheckpointMixin:
         try:
             self.model.load_state_dict(state["model"])
             self.head.load_state_dict(state["head"])
+            if (state.get("distill") or {}).get("projection") is not None:
+                self.distill.projection.load_state_dict(state["distill"]["projection"])
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise ValueError(f"the checkpoint does not fit this model/head/optimizer ({_first_line(e)}); start a "

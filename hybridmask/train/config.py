@@ -31,7 +31,8 @@ _PKG_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 #: types of keys whose default is null (the others take the type of their default in base.yaml)
 NULLABLE = {"run.name": str, "run.mask_seed": int, "run.resume": str, "data.train": str, "data.max_identities": int,
             "head.m": float, "optim.grad_clip": float, "train.steps": int, "eval.data_root": str,
-            "eval.final_pairs": int, "policy.grad_clip": float}
+            "eval.final_pairs": int, "policy.grad_clip": float,
+            "teacher.name": str, "teacher.cache_dir": str}
 #: inclusive (low, high) ranges of numeric keys (None: open)
 RANGES = {"run.threads": (1, None), "data.batch_size": (1, None), "data.min_images": (1, None),
           "data.max_identities": (1, None), "data.holdout_per_identity": (0, None), "data.holdout_identities": (0, None),
@@ -45,7 +46,7 @@ RANGES = {"run.threads": (1, None), "data.batch_size": (1, None), "data.min_imag
           "train.privacy_weight": (0.0, None), "policy.hidden": (1, None), "policy.lr": (0.0, None),
           "policy.k": (1, None), "policy.ema": (0.0, 1.0), "policy.entropy_coef": (0.0, None),
           "reward.utility_target": (0.0, 1.0), "reward.mu_max": (0.0, None), "reward.momentum": (0.0, 1.0),
-          "eval.pairs": (1, None), "eval.every": (0, None), "eval.final_pairs": (1, None), "eval.batch_size": (1, 128)}
+          "teacher.weight": (0.0, None), "eval.pairs": (1, None), "eval.every": (0, None), "eval.final_pairs": (1, None), "eval.batch_size": (1, 128)}
 
 
 class ConfigKeyError(KeyError):

@@ -97,7 +97,7 @@ def _run_hybridmask(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
 #: config keys a resumed run may change: they do not change what is trained
 RESUME_FREE = ("run.resume", "run.progress", "run.threads", "run.device", "run.allow_config_change", "run.key_path",
-               "data.num_workers", "data.cache", "train.log_every", "train.ckpt_every", "eval.")
+               "data.num_workers", "data.cache", "teacher.cache_dir", "train.log_every", "train.ckpt_every", "eval.")
 
 
 def config_changes(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> list:
@@ -171,6 +171,8 @@ def _train_in(out: Path, out_root: Path, name: str, cfg: Dict[str, Any], t_start
         raise ValueError(f"{len(train_set)} training images are fewer than one batch of {batch_size} x {world} "
                          f"process(es)")
     total = int(train_cfg["steps"]) if train_cfg.get("steps") is not None else int(train_cfg["epochs"]) * per_epoch
+    teacher_cfg = cfg.get("teacher") or {}
+    cache = _teacher_cache(teacher_cfg, train_set, out_root, device, run_cfg, main)
 
     # --- objects (same seed on every rank: identical initial weights; DDP also broadcasts them)
     torch.manual_seed(seed)
@@ -191,7 +193,16 @@ def _train_in(out: Path, out_root: Path, name: str, cfg: Dict[str, Any], t_start
     head_cfg = cfg["head"]
     head = create_head(head_cfg["name"], int(model_cfg["embedding_size"]), faces.num_classes,
                        s=float(head_cfg.get("s") or 64.0), m=head_cfg.get("m"))
-    optimizer = make_optimizer(list(model.parameters()) + list(head.parameters()), optim_cfg)
+    distill = projection = None
+    if cache is not None:
+        from ..models.teacher import Projection
+        from .distill import Distillation
+        d_t, d_s = int(cache.emb.shape[1]), int(model_cfg["embedding_size"])
+        projection = Projection(d_s, d_t) if d_s != d_t else None
+        distill = Distillation(cache, weight=float(teacher_cfg.get("weight", 1.0)),
+                               margin=bool(teacher_cfg.get("margin", True)), projection=projection)
+    optimizer = make_optimizer(list(model.parameters()) + list(head.parameters())
+                               + (list(projection.parameters()) if projection is not None else []), optim_cfg)
     scheduler = make_scheduler(optimizer, optim_cfg, total)
     policy_setup = None
     if policy is not None:
@@ -225,7 +236,8 @@ def _train_in(out: Path, out_root: Path, name: str, cfg: Dict[str, Any], t_start
                            device=device, hflip=bool(data_cfg.get("hflip")), grad_clip=optim_cfg.get("grad_clip"),
                            total_steps=total)
     trainer = AlternatingTrainer(model, head, optimizer, train_set, defense, scheduler=scheduler, policy=policy_setup,
-                                 defense_optim=defense_optim, callbacks=callbacks, options=options)
+                                 defense_optim=defense_optim, callbacks=callbacks, options=options,
+                                 distill=distill)
     if ckpt is not None:
         trainer.load_checkpoint(ckpt)
         if main and progress:
@@ -246,8 +258,11 @@ def _train_in(out: Path, out_root: Path, name: str, cfg: Dict[str, Any], t_start
             save_client_key(key_path, defense)
             if progress:
                 print(f"client key (secret, mode 0600; eval/attack need it: --key): {key_path}")
-        save_model(out / "model.pt", model, head,
-                   extra={**defense_record(defense), "run": str(name), "steps": trainer.global_step})
+        teacher_rec = _teacher_record(teacher_cfg, cache, projection)
+        extra = {**defense_record(defense), "run": str(name), "steps": trainer.global_step}
+        if teacher_rec is not None:
+            extra["teacher"] = teacher_rec
+        save_model(out / "model.pt", model, head, extra=extra)
         verification = {}
         if eval_cfg.get("final", True):
             for target, vs in sets.items():
@@ -273,6 +288,10 @@ def _train_in(out: Path, out_root: Path, name: str, cfg: Dict[str, Any], t_start
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "mask_seed": "secure (OS)" if mask_seed_cfg is None else int(mask_seed_cfg), "paths": paths,
         }
+        if teacher_rec is not None:
+            results["teacher"] = teacher_rec
+            if teacher_rec.get("note"):
+                results["notes"] = list(results.get("notes") or []) + [teacher_rec["note"]]
         if changes:   # run.allow_config_change: the model was trained partly under the earlier config
             results["config_changes_on_resume"] = changes
         if learned:
@@ -292,6 +311,39 @@ def _train_in(out: Path, out_root: Path, name: str, cfg: Dict[str, Any], t_start
     trainer.close()
     D.barrier()
     return results
+
+
+def _teacher_cache(teacher_cfg: Dict[str, Any], train_set, out_root: Path, device, run_cfg: Dict[str, Any],
+                   main: bool):
+    """The teacher's embeddings of the training faces (``teacher:`` section; None when ``name`` is null):
+    rank 0 computes or reads them, the others wait and then read the cache rank 0 wrote."""
+    spec = teacher_cfg.get("name")
+    if spec is None or str(spec).strip().lower() in ("", "none", "null"):
+        return None
+    from ..models.teacher import TeacherCache
+    cache_dir = teacher_cfg.get("cache_dir")
+    cache_dir = Path(os.path.expanduser(str(cache_dir))) if cache_dir else out_root / "cache"
+    cache = TeacherCache(str(spec), cache_dir=cache_dir, device=device, threads=int(run_cfg.get("threads") or 2))
+    if main:
+        cache.embeddings(train_set.images, train_set.labels)
+    D.barrier()
+    if not main:
+        cache.embeddings(train_set.images, train_set.labels)
+    return cache
+
+
+def _teacher_record(teacher_cfg: Dict[str, Any], cache, projection) -> Optional[Dict[str, Any]]:
+    """What results.json and model.pt record about the teacher (None without one)."""
+    if cache is None:
+        return None
+    rec = {"spec": cache.spec, "kind": cache.kind, "teacher_sha256": cache.teacher_sha256,
+           "cache_key": _plain(cache.key), "cache_path": str(cache.path), "cache_hit": bool(cache.hit),
+           "embedding_size": int(cache.emb.shape[1]), "weight": float(teacher_cfg.get("weight", 1.0)),
+           "margin": bool(teacher_cfg.get("margin", True)),
+           "projection": None if projection is None else [projection.d_student, projection.d_teacher]}
+    if cache.kind == "sface":   # issue 13 item 5: privacy numbers judged by SFace must say so
+        rec["note"] = "distilled from SFace (the privacy judge)"
+    return rec
 
 
 def _client_key_path(out: Path, run_cfg: Dict[str, Any], defense) -> Optional[Path]:

@@ -137,15 +137,29 @@ class TrainOptions:
 
 
 class _FRLoss(nn.Module):
-    """Recognizer + margin head -> per-sample mixed-label loss (the module DDP wraps)."""
+    """Recognizer + margin head (+ the distillation projection) -> per-sample loss (the module DDP wraps).
 
-    def __init__(self, model: nn.Module, head: nn.Module):
+    Without a target: the mixed-label margin loss. With a distillation ``target``: ``(margin loss if
+    margin) + weight * (1 - cos(proj(model(x)), target))``; returns ``(loss, distillation term)``."""
+
+    def __init__(self, model: nn.Module, head: nn.Module, distill=None):
         super().__init__()
         self.model = model
         self.loss = MixedMarginLoss(head, reduction="none")
+        self.margin = distill is None or distill.margin
+        self.weight = 0.0 if distill is None else distill.weight
+        self.projection = None if distill is None else distill.projection
 
-    def forward(self, x, labels, weights):
-        return self.loss(self.model(x), labels, weights)
+    def forward(self, x, labels, weights, target=None):
+        emb = self.model(x)
+        if target is None:
+            return self.loss(emb, labels, weights)
+        from ..models.teacher import distillation_loss
+        dist = distillation_loss(emb, target, weight=1.0, projection=self.projection)
+        total = self.weight * dist
+        if self.margin:
+            total = total + self.loss(emb, labels, weights)
+        return total, dist
 
 
 class AlternatingTrainer(CheckpointMixin):
@@ -169,7 +183,7 @@ class AlternatingTrainer(CheckpointMixin):
     def __init__(self, model: nn.Module, head: nn.Module, optimizer: torch.optim.Optimizer, data, defense, *,
                  scheduler=None, policy: Union[PolicySetup, Any, None] = None,
                  defense_optim: Union[DefenseOptim, torch.optim.Optimizer, None] = None,
-                 callbacks: Sequence = (), options: Optional[TrainOptions] = None):
+                 callbacks: Sequence = (), options: Optional[TrainOptions] = None, distill=None):
         opts = options or TrainOptions()
         if policy is not None and not isinstance(policy, PolicySetup):
             policy = PolicySetup(policy)
@@ -178,6 +192,9 @@ class AlternatingTrainer(CheckpointMixin):
         self.options = opts
         self.model, self.head, self.optimizer, self.defense, self.scheduler = model, head, optimizer, defense, scheduler
         self.policy_setup = policy
+        self.distill = distill
+        if distill is not None and not callable(getattr(distill, "target", None)):
+            raise TypeError("distill must be a hybridmask.train.distill.Distillation")
         self.policy = policy.policy if policy else None
         self.policy_optim = policy.reinforce if policy else None
         self.n_fr, self.n_pi = (policy.n_fr, policy.n_pi) if policy else (1, 0)
@@ -194,14 +211,20 @@ class AlternatingTrainer(CheckpointMixin):
         self.rank, self.world = D.rank(), D.world_size()
         self.main = self.rank == 0
         self.device = torch.device(opts.device) if opts.device is not None else next(model.parameters()).device
-        for m in (model, head, defense) + ((self.policy,) if self.policy is not None else ()):
+        self.projection = distill.projection if distill is not None else None
+        for m in (model, head, defense) + tuple(x for x in (self.policy, self.projection) if x is not None):
             m.to(self.device)
+        if self.projection is not None:
+            covered = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            if any(id(p) not in covered for p in self.projection.parameters()):
+                raise ValueError("the distillation projection's parameters are not in the optimizer")
         self.loss_fn = MixedMarginLoss(head, reduction="none")
-        self.net: nn.Module = _FRLoss(model, head)
+        self.net: nn.Module = _FRLoss(model, head, distill)
         if D.is_dist():
             from torch.nn.parallel import DistributedDataParallel as DDP
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = DDP(self.net, device_ids=ids)
+            unused = distill is not None and not distill.margin   # the head gets no gradient
+            self.net = DDP(self.net, device_ids=ids, find_unused_parameters=unused)
             if self.policy is not None:   # one policy (weights + sampling generator) on every rank
                 self.policy.load_state_dict(D.broadcast_object(self.policy.state_dict()))
         # data
@@ -222,6 +245,8 @@ class AlternatingTrainer(CheckpointMixin):
         self.last_eval: Dict[str, float] = {}            # written by the Verification callback
         self.last_policy_stats: Dict[str, float] = {}
         self.batch = None                                # the current (images, labels), after flips
+        self.batch_indices: Optional[torch.Tensor] = None  # dataset indices of the current batch (distillation)
+        self.batch_flipped: Optional[torch.Tensor] = None  # which of its faces were flipped (None: no flips)
         self.target_steps: Optional[int] = None          # where the running fit() stops
         self.resumed_at: Optional[int] = None
         self._calibrated = False
@@ -265,8 +290,14 @@ class AlternatingTrainer(CheckpointMixin):
                       worker_init_fn=loader.worker_init_fn, timeout=loader.timeout)
             if loader.num_workers > 0:
                 kw.update(persistent_workers=loader.persistent_workers, prefetch_factor=loader.prefetch_factor)
+            if self.distill is not None:   # the batch also carries the faces' dataset indices
+                from .distill import IndexedDataset
+                dataset = IndexedDataset(dataset)
         elif isinstance(loader, Dataset):
             dataset = loader
+            if self.distill is not None:
+                from .distill import IndexedDataset
+                dataset = IndexedDataset(dataset)
             if batch_size is None:
                 raise ValueError("batch_size is required when a Dataset (not a DataLoader) is given "
                                  "(TrainOptions(batch_size=...))")
@@ -275,6 +306,9 @@ class AlternatingTrainer(CheckpointMixin):
         elif loader is None:
             return None
         else:
+            if self.distill is not None:
+                raise ValueError("distillation needs a DataLoader or a Dataset (the faces' indices into the teacher "
+                                 "cache come from the trainer's sampler)")
             warnings.warn("data is neither a DataLoader nor a Dataset: it is iterated as given, so the data "
                           "order cannot be restored exactly on resume")
             return loader
@@ -359,9 +393,14 @@ class AlternatingTrainer(CheckpointMixin):
         images, labels = batch[0], batch[1]
         images = images.to(self.device, non_blocking=True).float()
         labels = torch.as_tensor(labels).to(self.device).long()
+        self.batch_flipped = None
+        self.batch_indices = torch.as_tensor(batch[2]).long() if self.distill is not None and len(batch) >= 3 else None
+        if self.distill is not None and self.batch_indices is None:
+            raise ValueError("distillation needs (images, labels, dataset indices) batches")
         if self.hflip:
             flip = (torch.rand(images.shape[0], generator=self.aug_gen) < 0.5).to(self.device)
             images = torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
+            self.batch_flipped = flip.cpu()
         return images, labels
 
     def step(self, batch) -> Dict[str, Any]:
@@ -382,8 +421,14 @@ class AlternatingTrainer(CheckpointMixin):
                 masked, rec = self.defense.release(images)
         y, w = self._labels(rec, labels)
         self.net.train()
-        with self._bn_warmup():
-            loss_vec = self.net(masked, y, w)
+        dist_vec = None
+        if self.distill is not None:
+            target = self.distill.target(self.batch_indices, self.batch_flipped, rec).to(self.device)
+            with self._bn_warmup():
+                loss_vec, dist_vec = self.net(masked, y, w, target)
+        else:
+            with self._bn_warmup():
+                loss_vec = self.net(masked, y, w)
         loss = loss_vec.mean()
         self.optimizer.zero_grad(set_to_none=True)
         privacy = self._backward(loss)
@@ -404,6 +449,8 @@ class AlternatingTrainer(CheckpointMixin):
         out: Dict[str, Any] = {"loss": lv}
         if privacy is not None:
             out["privacy_loss"] = privacy
+        if dist_vec is not None:
+            out["distill_loss"] = float(dist_vec.detach().mean())   # mean 1 - cos to the teacher (unweighted)
         if self.learn_policy and self.global_step % self.n_fr == 0:
             out.update(self._policy_steps(images, labels, cache))
         self._account(lv, ks)

