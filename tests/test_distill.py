@@ -162,6 +162,8 @@ def test_cli_train_with_sface_builds_the_cache_once_records_it_and_resumes(tmp_p
     assert t["cache_key"]["teacher_kind"] == "sface" and len(t["cache_key"]["data"]) == 64
     assert t["embedding_size"] == 128 and t["projection"] == [16, 128] and t["weight"] == 2.0
     assert t["note"] == "distilled from SFace (the privacy judge)" and t["note"] in res["notes"]
+    from hybridmask.train.card import recognizer_card      # the model card says so beside its numbers
+    assert "distilled from SFace (the privacy judge)" in recognizer_card(res, "0" * 64, 1)
     assert res["train"]["steps"] == 2 and res["train_images"] == 16
     from hybridmask.models import load_model
     _, _, meta = load_model(out / "first" / "model.pt")

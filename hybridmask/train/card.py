@@ -151,6 +151,11 @@ def recognizer_card(results: Dict[str, Any], checkpoint_sha256: str, checkpoint_
         return (f"| {label} | {_pct(v.get('accuracy'))} +- {_pct(v.get('accuracy_std'))} | "
                 f"{_pct(tar3) if tar3 is not None else 'not measured'} | {'n/a' if auc is None else f'{float(auc):.4f}'} |")
 
+    teacher = results.get("teacher") or {}
+    taught = (f"distilled from teacher `{teacher.get('spec')}` (weight {teacher.get('weight')}"
+              f"{', margin loss kept' if teacher.get('margin') else ', no margin loss'})"
+              + (f"; **{teacher['note']}**: privacy numbers judged by SFace are not independent of this model"
+                 if teacher.get("note") else "")) if teacher else "no teacher (trained from its own labels)"
     cmd = command or f"hybridmask train --config configs/{name}.yaml"
     return f"""# Model card: `{name}`
 
@@ -173,6 +178,7 @@ def recognizer_card(results: Dict[str, Any], checkpoint_sha256: str, checkpoint_
   {optim.get('name')} lr {optim.get('lr')} ({optim.get('scheduler')}, warm-up {optim.get('warmup_steps')}), weight decay
   {optim.get('weight_decay')}, random horizontal flips.
 - **k used in training**: {ktxt}.
+- **Teacher**: {taught}.
 - **Hardware and time**: {results.get('device')} x {results.get('world_size')} process(es), {results.get('threads')} threads;
   {results.get('fit_seconds', 0):.0f} s of training ({results.get('images_per_second', 0):.1f} img/s),
   {results.get('wall_seconds', 0):.0f} s wall including data decoding and evaluation; torch {results.get('torch')}.
