@@ -34,3 +34,21 @@ def _few_threads():
     # CI has 2 cores; keep each test from oversubscribing them
     torch.set_num_threads(2)
     yield
+
+
+@pytest.fixture(scope="session")
+def celeba16(faces_root):
+    """16 real CelebA faces (4 identities x 4), uint8, with their labels."""
+    from hybridmask.data.celeba import load_uint8
+    from hybridmask.data.folder import FaceFolder
+    root = faces_root / "celeba_112"
+    if not root.is_dir():
+        pytest.skip(f"CelebA faces not found at {root}")
+    folder = FaceFolder(root)
+    by_label = {}
+    for p, y in folder.samples:
+        by_label.setdefault(y, []).append(p)
+    ids = [y for y in sorted(by_label) if len(by_label[y]) >= 4][:4]
+    paths = [p for y in ids for p in sorted(by_label[y])[:4]]
+    labels = torch.tensor([i for i in range(len(ids)) for _ in range(4)])
+    return load_uint8(paths, progress=False), labels

@@ -197,21 +197,10 @@ def test_cli_train_with_sface_builds_the_cache_once_records_it_and_resumes(tmp_p
 
 
 @needs_sface
-def test_distillation_term_falls_on_real_faces(tmp_path, faces_root):
-    from hybridmask.data.celeba import load_uint8
-    from hybridmask.data.folder import FaceFolder
+def test_distillation_term_falls_on_real_faces(tmp_path, celeba16):
     from hybridmask.train.data import TensorFaces
-    root = faces_root / "celeba_112"
-    if not root.is_dir():
-        pytest.skip(f"CelebA faces not found at {root}")
-    folder = FaceFolder(root)
-    by_label = {}
-    for p, y in folder.samples:
-        by_label.setdefault(y, []).append(p)
-    ids = [y for y in sorted(by_label) if len(by_label[y]) >= 4][:4]
-    paths = [p for y in ids for p in sorted(by_label[y])[:4]]
-    faces = TensorFaces(load_uint8(paths, progress=False), torch.tensor([i for i in range(4) for _ in range(4)]),
-                        [str(i) for i in range(4)])
+    images, labels = celeba16
+    faces = TensorFaces(images, labels, [str(i) for i in range(4)])
     cache = TeacherCache("sface", cache_dir=tmp_path / "cache")
     cache.embeddings(faces.images, faces.labels)
     torch.manual_seed(0)

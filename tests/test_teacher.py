@@ -34,24 +34,6 @@ class Counting:
 
 
 @pytest.fixture(scope="module")
-def faces(faces_root):
-    """16 real CelebA faces (4 identities x 4), uint8, with their labels."""
-    from hybridmask.data.celeba import load_uint8
-    from hybridmask.data.folder import FaceFolder
-    root = faces_root / "celeba_112"
-    if not root.is_dir():
-        pytest.skip(f"CelebA faces not found at {root}")
-    folder = FaceFolder(root)
-    by_label = {}
-    for p, y in folder.samples:
-        by_label.setdefault(y, []).append(p)
-    ids = [y for y in sorted(by_label) if len(by_label[y]) >= 4][:4]
-    paths = [p for y in ids for p in sorted(by_label[y])[:4]]
-    labels = torch.tensor([i for i in range(len(ids)) for _ in range(4)])
-    return load_uint8(paths, progress=False), labels
-
-
-@pytest.fixture(scope="module")
 def sface():
     if MISSING:
         pytest.skip(f"needs {', '.join(MISSING)}")
@@ -67,8 +49,8 @@ def sface_copy(tmp_path, sface):
 
 
 @needs_sface
-def test_teacher_embeds_normalised_in_batches(faces, sface):
-    imgs, _ = faces
+def test_teacher_embeds_normalised_in_batches(celeba16, sface):
+    imgs, _ = celeba16
     x = imgs.float() / 127.5 - 1
     e = sface(x)
     assert e.shape == (16, 128) and e.dtype == torch.float32
@@ -80,8 +62,8 @@ def test_teacher_embeds_normalised_in_batches(faces, sface):
 
 @pytest.mark.realdata
 @needs_sface
-def test_cache_miss_then_hit_and_flips(tmp_path, faces, sface, sface_copy):
-    imgs, labels = faces
+def test_cache_miss_then_hit_and_flips(tmp_path, celeba16, sface, sface_copy):
+    imgs, labels = celeba16
     spec = f"sface:{sface_copy}"
     c1 = Counting(sface)
     cache = TeacherCache(spec, tmp_path / "cache", teacher=c1)
@@ -114,8 +96,8 @@ def test_cache_miss_then_hit_and_flips(tmp_path, faces, sface, sface_copy):
 @pytest.mark.realdata
 @needs_sface
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "wrong_object"])
-def test_corrupt_cache_is_rebuilt(tmp_path, faces, sface, sface_copy, damage):
-    imgs, labels = faces
+def test_corrupt_cache_is_rebuilt(tmp_path, celeba16, sface, sface_copy, damage):
+    imgs, labels = celeba16
     spec = f"sface:{sface_copy}"
     first = TeacherCache(spec, tmp_path, teacher=sface)
     emb, flip = first.embeddings(imgs, labels)
@@ -142,9 +124,9 @@ def test_corrupt_cache_is_rebuilt(tmp_path, faces, sface, sface_copy, damage):
 
 @pytest.mark.realdata
 @needs_sface
-def test_stale_cache_other_data_or_teacher_file_is_rebuilt(tmp_path, faces, sface, sface_copy):
+def test_stale_cache_other_data_or_teacher_file_is_rebuilt(tmp_path, celeba16, sface, sface_copy):
     import onnx
-    imgs, labels = faces
+    imgs, labels = celeba16
     fixed = tmp_path / "run" / "teacher.pt"     # one fixed cache file: its stored key decides
     spec = f"sface:{sface_copy}"
     TeacherCache(spec, path=fixed, teacher=sface).embeddings(imgs, labels)
@@ -222,10 +204,10 @@ def test_distillation_loss_per_sample_weights_and_projection():
 
 @pytest.mark.realdata
 @needs_student
-def test_distillation_lowers_the_cosine_loss_of_a_student_reading_ppfrfd_queries(faces, sface):
+def test_distillation_lowers_the_cosine_loss_of_a_student_reading_ppfrfd_queries(celeba16, sface):
     from hybridmask.defenses import create_defense
     from hybridmask.models.sface_torch import load_sface_torch
-    imgs, labels = faces
+    imgs, labels = celeba16
     x = imgs.float() / 127.5 - 1
     target = sface(x)                                     # the teacher's view of the clean faces
     defense = create_defense("ppfrfd", shuffle="key", seed=0)
