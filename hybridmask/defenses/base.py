@@ -278,7 +278,6 @@ class MaskDefense(Defense):
         self.mask = HybridMask(seed=seed, **mask_kwargs)
         # a fresh draw per release: per-sample shuffles, one of R keys per sample (keys:R), or MixUp
         self.stochastic = self.mask.ppfrfd.shuffle not in ("key", "none") or self.mixes
-        self.generator = self.mask.generator
 
     @property
     def in_channels(self) -> int:

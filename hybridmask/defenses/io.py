@@ -204,8 +204,8 @@ def _adaptive_masking(blob: Mapping[str, Any], path: PathLike) -> Dict[str, Any]
     masking = blob.get("masking") or {}
     if not isinstance(masking, Mapping):
         raise ValueError(f"{path}: 'masking' must be a dict of HybridMask arguments")
-    keys = ("u", "drop", "shuffle", "mix", "weights", "max_weight", "granularity", "order")
-    return {k: v for k, v in masking.items() if k in keys}
+    from ..freq.hybrid import CONFIG_KEYS   # the adaptive defense takes them all but k (its policy's) and alpha
+    return {k: v for k, v in masking.items() if k in CONFIG_KEYS and k not in ("k", "alpha")}
 
 
 def defense_from_checkpoint(path: PathLike, seed: SeedLike = None,

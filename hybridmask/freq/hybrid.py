@@ -25,6 +25,8 @@ from .mixup import Draw, FreqMixUp, KLike, MixRecord
 from .ppfrfd import PPFRFD
 
 ORDERS = ("mask_mix", "mix_mask")
+#: the plain-data constructor arguments of :class:`HybridMask` (its ``config``)
+CONFIG_KEYS = ("u", "drop", "shuffle", "mix", "k", "weights", "max_weight", "alpha", "granularity", "order")
 
 
 class _EncodedPool:
@@ -87,10 +89,9 @@ class HybridMask(nn.Module):
 
     @classmethod
     def from_config(cls, config: Dict[str, Any], seed: SeedLike = None, pool: Optional[torch.Tensor] = None):
-        known = {"u", "drop", "shuffle", "mix", "k", "weights", "max_weight", "alpha", "granularity", "order"}
-        unknown = set(config) - known
+        unknown = set(config) - set(CONFIG_KEYS)
         if unknown:
-            raise KeyError(f"unknown HybridMask config keys: {sorted(unknown)}; known: {sorted(known)}")
+            raise KeyError(f"unknown HybridMask config keys: {sorted(unknown)}; known: {sorted(CONFIG_KEYS)}")
         return cls(**config, seed=seed, pool=pool)
 
     @property
