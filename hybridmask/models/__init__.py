@@ -10,7 +10,7 @@ from .heads import (HEADS, ArcFace, CosFace, MarginHead, MixedMarginLoss, create
                     register_head)
 from .checkpoint import load_model, save_model
 # registering imports
-from . import iresnet, mobilefacenet, tiny  # noqa: F401,E402
+from . import iresnet, mobilefacenet, sface, tiny  # noqa: F401,E402
 from .iresnet import IResNet
 from .mobilefacenet import MobileFaceNet
 from .tiny import TinyNet

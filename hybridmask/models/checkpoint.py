@@ -135,3 +135,28 @@ def load_model(path: Union[str, os.PathLike], map_location: Union[str, torch.dev
     for k in ("name", "stem", "in_chans", "grid", "embedding_size"):
         meta[k] = model.config.get(k)
     return model, head, meta
+
+
+def init_from_checkpoint(model: nn.Module, path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """Start ``model`` from the weights of a recognizer checkpoint (``model.init``; TFace-style stem swap).
+
+    Every tensor of the checkpoint's model whose name and shape match one of ``model``'s is copied; the
+    others (a pixel checkpoint's stem when ``model`` reads frequency releases, a different head) keep
+    their fresh values. Returns ``{"from", "architecture", "copied", "kept_fresh"}`` for the run's records.
+    Raises ValueError when nothing matches (another architecture) or the file is not a recognizer checkpoint.
+    """
+    ckpt = safe_torch_load(path, map_location="cpu")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or not isinstance(ckpt.get("model_state"), dict):
+        raise ValueError(f"model.init: {path} is not a hybridmask recognizer checkpoint (written by save_model / "
+                         f"hybridmask train's model.pt)")
+    src = ckpt["model_state"]
+    own = model.state_dict()
+    copied = {k: v for k, v in src.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
+    if not [k for k in copied if not k.endswith("num_batches_tracked")]:
+        raise ValueError(f"model.init: no weight of {path} ({(ckpt.get('model_config') or {}).get('name')}) fits "
+                         f"this model ({getattr(model, 'config', {}).get('name')}): another architecture")
+    model.load_state_dict(copied, strict=False)
+    fresh = sorted(k for k in own if k not in copied)
+    cfg = ckpt.get("model_config") or {}
+    return {"from": str(path), "architecture": {k: cfg.get(k) for k in ("name", "stem", "in_chans", "grid")},
+            "copied": len(copied), "kept_fresh": len(fresh), "kept_fresh_names": fresh[:20]}

@@ -156,6 +156,12 @@ def recognizer_card(results: Dict[str, Any], checkpoint_sha256: str, checkpoint_
               f"{', margin loss kept' if teacher.get('margin') else ', no margin loss'})"
               + (f"; **{teacher['note']}**: privacy numbers judged by SFace are not independent of this model"
                  if teacher.get("note") else "")) if teacher else "no teacher (trained from its own labels)"
+    start = results.get("model_start") or {}
+    started = ("not recorded" if not start else
+               f"{start.get('from')}" + (f" ({start.get('copied')} tensors copied, {start.get('kept_fresh')} fresh)"
+                                         if start.get("kind") == "checkpoint" else "")
+               + (f"; **{start['note']}**: privacy numbers judged by SFace are not independent of this model"
+                  if start.get("note") else ""))
     cmd = command or f"hybridmask train --config configs/{name}.yaml"
     return f"""# Model card: `{name}`
 
@@ -178,6 +184,7 @@ def recognizer_card(results: Dict[str, Any], checkpoint_sha256: str, checkpoint_
   {optim.get('name')} lr {optim.get('lr')} ({optim.get('scheduler')}, warm-up {optim.get('warmup_steps')}), weight decay
   {optim.get('weight_decay')}, random horizontal flips.
 - **k used in training**: {ktxt}.
+- **Started from**: {started}.
 - **Teacher**: {taught}.
 - **Hardware and time**: {results.get('device')} x {results.get('world_size')} process(es), {results.get('threads')} threads;
   {results.get('fit_seconds', 0):.0f} s of training ({results.get('images_per_second', 0):.1f} img/s),

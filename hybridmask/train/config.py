@@ -32,7 +32,7 @@ _PKG_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 NULLABLE = {"run.name": str, "run.mask_seed": int, "run.resume": str, "data.train": str, "data.max_identities": int,
             "head.m": float, "optim.grad_clip": float, "train.steps": int, "eval.data_root": str,
             "eval.final_pairs": int, "policy.grad_clip": float,
-            "teacher.name": str, "teacher.cache_dir": str}
+            "teacher.name": str, "teacher.cache_dir": str, "model.init": str}
 #: inclusive (low, high) ranges of numeric keys (None: open)
 RANGES = {"run.threads": (1, None), "data.batch_size": (1, None), "data.min_images": (1, None),
           "data.max_identities": (1, None), "data.holdout_per_identity": (0, None), "data.holdout_identities": (0, None),

