@@ -65,6 +65,9 @@ class CGANAttack(Attack):
               doc="generator stem; set = channel-order invariant (auto: white-box vs a per-sample channel shuffle)"),
         Param("preprocess", str, "auto", choices=("auto", "none", "abs"),
               doc="abs: feed |release| (auto: only white-box against InstaHide's sign flip)"),
+        Param("on_epoch", "callable", None, optional=True,
+              doc="called as on_epoch(attack, epoch) after each epoch (generator in eval mode); a true return "
+                  "stops training (e.g. a plateau rule on the attacker's own held-out faces)"),
     )
 
     def __init__(self, **params):
@@ -180,6 +183,13 @@ class CGANAttack(Attack):
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(epoch=epoch + 1, l1=f"{float(l1.detach()):.3f}")
             self.history.append({k: v / steps for k, v in sums.items()} | {"epoch": epoch + 1})
+            if p["on_epoch"] is not None:
+                self.G.eval()
+                self.fitted = True       # decode() works inside the callback
+                stop = p["on_epoch"](self, epoch + 1)
+                self.G.train()
+                if stop:
+                    break
         if hasattr(bar, "close"):
             bar.close()
         self.G.eval(), self.D.eval()
