@@ -26,7 +26,6 @@ from collections import OrderedDict
 from typing import Optional
 
 import torch
-import torch.nn as nn
 
 from .base import FRBackbone, check_pixel_grid, register_model
 

@@ -130,7 +130,7 @@ def recognizer_card(results: Dict[str, Any], checkpoint_sha256: str, checkpoint_
     defense = results.get("defense") or {}
     src = data.get("train") or "embedded synthetic faces"
     stem = model.get("stem")
-    inp = (f"pixel 3x112x112" if stem == "pixel"
+    inp = ("pixel 3x112x112" if stem == "pixel"
            else f"freq {model.get('in_chans')} x {model.get('grid')} x {model.get('grid')}")
     masking = ", ".join(f"{k}={v}" for k, v in defense.items() if k not in _NOT_MASKING) or "none"
     m = head.get("m")
