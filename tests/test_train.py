@@ -664,3 +664,34 @@ def test_ddp_keeps_learnable_defense_parameters_in_sync(tmp_path):
     assert len(ck["ranks"]) == 2 and float(ck["defense_state"]["rho"].abs().max()) > 0
     assert ck["ranks"][0]["defense_checksum"] == ck["ranks"][1]["defense_checksum"]
     assert ck["ranks"][0]["model_checksum"] == ck["ranks"][1]["model_checksum"]
+
+
+def test_copies_mask_each_copy_of_a_face_on_its_own():
+    """data.copies: r: every face of the batch enters the step r times, each copy with its own masking draw."""
+    torch.manual_seed(0)
+    x, y = faces()
+    defense = create_defense("ppfrfd", seed=4)      # a fresh channel permutation per release
+    model = create_model("tiny_test", stem="freq", in_chans=defense.in_channels, grid=SIZE // 8, embedding_size=16)
+    head = create_head("cosface", 16, N_IDS, s=16.0)
+    opt = torch.optim.SGD(list(model.parameters()) + list(head.parameters()), lr=0.05)
+    seen = []
+    real = defense.release
+
+    def spy(images, *a, **kw):
+        out = real(images, *a, **kw)
+        seen.append((images.detach().clone(), out[0].detach().clone()))
+        return out
+    defense.release = spy
+    tr = AlternatingTrainer(model, head, opt, TensorDataset(x, y), defense,
+                            options=TrainOptions(batch_size=4, seed=1, copies=3))
+    out = tr.step((x[:4], y[:4]))
+    assert out["images"] == 12 and out["k"].numel() == 12
+    images, masked = seen[-1]
+    assert images.shape[0] == 12
+    for i in range(4):                                 # the same face three times, masked three different ways
+        assert torch.equal(images[i], images[i + 4]) and torch.equal(images[i], images[i + 8])
+        assert not torch.allclose(masked[i], masked[i + 4]) and not torch.allclose(masked[i], masked[i + 8])
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="copies"):
+            AlternatingTrainer(model, head, opt, TensorDataset(x, y), defense,
+                               options=TrainOptions(batch_size=4, copies=bad))

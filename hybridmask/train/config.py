@@ -36,7 +36,7 @@ NULLABLE = {"run.name": str, "run.mask_seed": int, "run.resume": str, "data.trai
 #: inclusive (low, high) ranges of numeric keys (None: open)
 RANGES = {"run.threads": (1, None), "data.batch_size": (1, None), "data.min_images": (1, None),
           "data.max_identities": (1, None), "data.holdout_per_identity": (0, None), "data.holdout_identities": (0, None),
-          "data.num_workers": (0, None), "data.synthetic.identities": (2, None),
+          "data.num_workers": (0, None), "data.copies": (1, None), "data.synthetic.identities": (2, None),
           "data.synthetic.images_per_identity": (1, None), "data.synthetic.size": (8, None),
           "model.embedding_size": (1, None), "model.dropout": (0.0, 1.0), "head.s": (0.0, None),
           "optim.lr": (0.0, None), "optim.momentum": (0.0, 1.0), "optim.weight_decay": (0.0, None),

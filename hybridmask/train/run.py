@@ -237,7 +237,7 @@ def _train_in(out: Path, out_root: Path, name: str, cfg: Dict[str, Any], t_start
         callbacks.append(ProgressBar())
     options = TrainOptions(seed=seed, batch_size=batch_size, num_workers=int(data_cfg.get("num_workers") or 0),
                            device=device, hflip=bool(data_cfg.get("hflip")), grad_clip=optim_cfg.get("grad_clip"),
-                           total_steps=total)
+                           total_steps=total, copies=int(data_cfg.get("copies") or 1))
     trainer = AlternatingTrainer(model, head, optimizer, train_set, defense, scheduler=scheduler, policy=policy_setup,
                                  defense_optim=defense_optim, callbacks=callbacks, options=options,
                                  distill=distill)
@@ -284,7 +284,7 @@ def _train_in(out: Path, out_root: Path, name: str, cfg: Dict[str, Any], t_start
             "run": str(name), "method": "hybridmask", "config": _plain({k: v for k, v in cfg.items() if k != "_source_"}),
             "defense": _plain(defense.config), "model": _plain(model.config), "policy": policy_cfg.get("name"),
             "world_size": world, "device": str(device), "train": _plain(summary),
-            "images_seen": trainer.global_step * batch_size * world, "train_images": len(train_set),
+            "images_seen": trainer.global_step * batch_size * world, "copies": trainer.copies, "train_images": len(train_set),
             "identities": faces.num_classes, "heldout_images": len(held_idx),
             "verification": verification, "epochs": _plain(trainer.epochs), "history": _plain(trainer.history),
             "fit_seconds": fit_seconds, "wall_seconds": time.time() - t_start,

@@ -124,7 +124,10 @@ class TrainOptions:
     horizontal flips (a checkpointed generator). grad_clip: max gradient norm of the recognizer.
     bn_warmup: BatchNorm running statistics are exact averages over the first ``1/momentum`` batches.
     total_steps: planned length (the policy's ``progress`` feature; ``fit`` sets it).
-    running_loss_momentum: EMA factor of the running loss (a policy context feature)."""
+    running_loss_momentum: EMA factor of the running loss (a policy context feature).
+    copies: each face of a batch enters the step ``copies`` times, each copy with its own flip and its own
+    masking draw (PartialFace's repeated masked copies: the recognizer sees one face through several secrets
+    in one step; a step then costs ``copies`` times as much)."""
     seed: int = 0
     batch_size: Optional[int] = None
     num_workers: int = 0
@@ -134,6 +137,7 @@ class TrainOptions:
     bn_warmup: bool = True
     total_steps: Optional[int] = None
     running_loss_momentum: float = 0.9
+    copies: int = 1
 
 
 class _FRLoss(nn.Module):
@@ -206,6 +210,9 @@ class AlternatingTrainer(CheckpointMixin):
         self._setup_defense_training(defense_optim or DefenseOptim())
         self.seed = int(opts.seed)
         self.hflip, self.grad_clip = bool(opts.hflip), opts.grad_clip
+        if isinstance(opts.copies, bool) or not isinstance(opts.copies, int) or opts.copies < 1:
+            raise ValueError(f"copies must be a positive int (masked copies of each face per step), got {opts.copies!r}")
+        self.copies = int(opts.copies)
         self.total_steps = opts.total_steps
         self.momentum = float(opts.running_loss_momentum)
         self.rank, self.world = D.rank(), D.world_size()
@@ -397,6 +404,10 @@ class AlternatingTrainer(CheckpointMixin):
         self.batch_indices = torch.as_tensor(batch[2]).long() if self.distill is not None and len(batch) >= 3 else None
         if self.distill is not None and self.batch_indices is None:
             raise ValueError("distillation needs (images, labels, dataset indices) batches")
+        if self.copies > 1:   # r copies of the batch, each masked (and flipped) independently
+            images, labels = images.repeat(self.copies, 1, 1, 1), labels.repeat(self.copies)
+            if self.batch_indices is not None:
+                self.batch_indices = self.batch_indices.repeat(self.copies)
         if self.hflip:
             flip = (torch.rand(images.shape[0], generator=self.aug_gen) < 0.5).to(self.device)
             images = torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
