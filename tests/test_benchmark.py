@@ -426,3 +426,19 @@ def test_waits_for_a_run_another_process_finishes(tmp_path):
     B.wait_for(e, busy_seconds=300, poll_seconds=0.05, log=print)
     t.join()
     assert e.status == "reuse"                                   # its results are used, nothing retrained
+
+
+def test_report_names_defenses_whose_queries_are_identical():
+    """freq MixUp / adaptive queries are PPFR-FD's k=1 query: the report groups them and says so (issue 12)."""
+    from hybridmask.benchmark.report import query_groups
+    from hybridmask.defenses import create_defense
+
+    def row(label, name, **kw):
+        return {"label": label, "attacks": {"victim_defense": {"config": create_defense(name, seed=0, **kw).config}}}
+    rows = [row("PPFR-FD", "ppfrfd"), row("MixUp k=2", "freq_mixup", k=2), row("MixUp k=4", "freq_mixup", k=4),
+            row("DCTDP", "dctdp"), row("PPFR-FD key", "ppfrfd", shuffle="key"), row("pixels", "none"),
+            {"label": "no record", "attacks": {}}]
+    groups = query_groups(rows)
+    assert groups == [{"labels": ["PPFR-FD", "MixUp k=2", "MixUp k=4"], "mixing": ["MixUp k=2", "MixUp k=4"],
+                       "plain": ["PPFR-FD"]}]
+    assert query_groups([row("PPFR-FD", "ppfrfd"), row("PPFR-FD u=2", "freq_mixup", u=2)]) == []

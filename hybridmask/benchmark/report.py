@@ -269,6 +269,30 @@ def target_checks(rows: List[Dict[str, Any]], targets: Dict[str, Any], head: str
     return out
 
 
+def query_groups(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Defenses whose test-time queries are the same masking function (same public structure at k=1: transform,
+    grid, kept channels, shuffle, channel mix, sign flip, noise), among which at least one mixes faces in
+    training: MixUp and a policy act on training releases only, so those rows' query columns can differ only
+    by noise. Built from each row's victim-defense record (the attacks' results); rows without one are left out."""
+    from ..defenses.io import build_defense
+    groups: Dict[tuple, List[Dict[str, Any]]] = {}
+    for r in rows:
+        rec = (r.get("attacks") or {}).get("victim_defense") or {}
+        if not rec.get("config"):
+            continue
+        try:
+            d = build_defense(rec["config"], None, seed=0, untrained=True)
+            s = d.structure()
+        except Exception:   # a defense this code cannot rebuild from its config alone: not grouped
+            continue
+        sig = (s.transform, getattr(s.bdct, "u", None), tuple(s.kept or ()), s.shuffle, s.channel_mix, s.sign_flip,
+               s.noise)
+        groups.setdefault(sig, []).append({"label": r["label"], "mixes": bool(d.mixes), "name": d.name})
+    return [{"labels": [m["label"] for m in g], "mixing": [m["label"] for m in g if m["mixes"]],
+             "plain": [m["label"] for m in g if not m["mixes"]]}
+            for g in groups.values() if len(g) >= 2 and any(m["mixes"] for m in g)]
+
+
 # ---- the report ---------------------------------------------------------------------------------------
 def protocol(rows: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     """The shared recognizer set-up: from the first row whose training config describes one."""
@@ -328,10 +352,11 @@ def render_markdown(p: Dict[str, Any], md_path: Path) -> str:
         "targets": p.get("targets") or {}, "target_lines": target_checks(rows, p.get("targets") or {}, head),
         "literature": lit, "overrides": p.get("budget_overrides") or {},
         "results_json": rel(str(Path(p.get("plot") or md_path).parent / "results.json")),
+        "query_groups": query_groups(rows),
     }
     return environment().get_template("report.md.j2").render(**ctx)
 
 
-__all__ = ["render_markdown", "target_checks", "headline", "headline_label", "strongest_query", "strongest_release",
+__all__ = ["render_markdown", "target_checks", "query_groups", "headline", "headline_label", "strongest_query", "strongest_release",
            "strongest_linkage", "strongest_rank1", "release_cell", "linkage_cell", "attack_times", "lfw_accuracy",
            "metric_value", "STRONGEST", "ATTACK_LIMIT_SECONDS"]
