@@ -72,21 +72,12 @@ def main(argv=None) -> int:
 
     from hybridmask.attacks import create_attack
     from hybridmask.attacks.data import build_attack_data
-    from hybridmask.attacks.harness import default_embedder, image_scores
-    from hybridmask.attacks.metrics import embed
+    from hybridmask.attacks.harness import JudgedVictims
     from hybridmask.defenses import create_defense
 
     data = build_attack_data(args.data, "lfw", n_victims=args.victims, n_distractors=args.distractors,
                              n_public=args.public, seed=args.seed, progress=False)
-    judge = default_embedder()
-    gal = embed(judge, data.gallery)
-    orig = embed(judge, data.victims)
-
-    def score(recon):
-        s = image_scores(recon, data.victims, data.victim_labels, gal, data.gallery_labels, judge, orig)
-        return {"ssim": s["ssim"]["mean"], "identity_similarity": s["identity_similarity"]["mean"],
-                "rank1": s["rank1"], "rank5": s["rank5"], "chance": s["chance"]}
-
+    score = JudgedVictims(data).score                  # SFace, the judge: no attack's loss uses it
     rows = []
 
     def add(name, recon, seconds=0.0, **extra):

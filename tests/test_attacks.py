@@ -625,3 +625,19 @@ def test_cli_gmi_on_real_faces(faces_root, sface, tmp_path, capsys):
     assert set(res["attacks"]) == {"demix"}
     md = (out / "results.md").read_text()
     assert "| none | demix |" in md and "| none | gmi |" in md
+
+
+def test_judged_victims_scores_the_victims_themselves_perfectly():
+    from types import SimpleNamespace
+
+    from hybridmask.attacks.harness import JudgedVictims
+    g = torch.Generator().manual_seed(0)
+    victims = torch.rand(6, 3, 16, 16, generator=g) * 2 - 1
+    gallery = torch.cat([victims + 0.01 * torch.randn(6, 3, 16, 16, generator=g), torch.rand(4, 3, 16, 16, generator=g)])
+    data = SimpleNamespace(victims=victims, victim_labels=list(range(6)), gallery=gallery.clamp(-1, 1),
+                           gallery_labels=list(range(6)) + [10, 11, 12, 13])
+    judged = JudgedVictims(data, embedder=lambda x: x.flatten(1))
+    s = judged.score(victims)
+    assert s["rank1"] == 1.0 and s["ssim"] > 0.999 and s["identity_similarity"] > 0.999
+    other = judged.score(victims.flip(0))
+    assert other["rank1"] < 0.5 and other["identity_similarity"] < s["identity_similarity"]

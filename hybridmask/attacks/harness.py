@@ -45,6 +45,28 @@ def image_scores(recon: torch.Tensor, original: torch.Tensor, victim_labels, gal
                           "identity_similarity": ids.tolist(), "rank": rid["ranks"]}}
 
 
+class JudgedVictims:
+    """The victims of an attack data set under a judge, embedded once: ``score(recon)`` gives the summary a
+    table row needs (mean SSIM, mean identity similarity, rank-1, rank-5, chance) - for scripts that score
+    many reconstructions of the same victims (calibration, training curves)."""
+
+    def __init__(self, data, embedder: Optional[Callable] = None):
+        self.data = data
+        self.embedder = embedder if embedder is not None else default_embedder()
+        self.gallery_emb = embed(self.embedder, data.gallery)
+        self.original_emb = embed(self.embedder, data.victims)
+
+    def scores(self, recon: torch.Tensor) -> Dict:
+        d = self.data
+        return image_scores(recon, d.victims, d.victim_labels, self.gallery_emb, d.gallery_labels, self.embedder,
+                            self.original_emb)
+
+    def score(self, recon: torch.Tensor) -> Dict[str, float]:
+        s = self.scores(recon)
+        return {"ssim": s["ssim"]["mean"], "identity_similarity": s["identity_similarity"]["mean"],
+                "rank1": s["rank1"], "rank5": s["rank5"], "chance": s["chance"]}
+
+
 def mixed_scores(recon: torch.Tensor, record, victims: torch.Tensor, victim_labels, gallery_emb: torch.Tensor,
                  gallery_labels, embedder: Callable) -> Dict:
     """Scores of reconstructions of *mixed* releases (row b of ``recon`` attacks mix b of ``record``, a
