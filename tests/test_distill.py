@@ -217,3 +217,30 @@ def test_distillation_term_falls_on_real_faces(tmp_path, celeba16):
     # the targets were the teacher's views of the faces the trainer used (flips included)
     want = mixed_target(cache.lookup(tr.batch_indices, tr.batch_flipped))
     assert torch.allclose(tr.distill.target(tr.batch_indices, tr.batch_flipped), want)
+
+
+@needs_sface
+@pytest.mark.slow
+def test_distillation_under_ddp_two_processes(tmp_path):
+    """torchrun, 2 gloo processes: rank 0 builds the teacher cache once, rank 1 reads it; each rank looks up
+    its own faces' targets; the replicas (and the projection) stay identical; results record the teacher."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", HYBRIDMASK_CACHE=str(tmp_path / "hm_cache"))
+    args = [a for a in TINY if not a.startswith("data.batch_size")] + [
+        "data.batch_size=6", "train.steps=4", "run.threads=1", "train.ckpt_every=2", f"run.out_dir={tmp_path}",
+        "run.name=ddp", "teacher.cache_dir=" + str(tmp_path / "teacher_cache")]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "hybridmask.cli", "train", "--config", str(REPO / "configs" / "quickstart.yaml")] + args,
+                       capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    res = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    assert res["world_size"] == 2 and res["teacher"]["spec"] == "sface"
+    assert res["teacher"]["projection"] == [16, 128]            # student 16-d -> SFace 128-d
+    assert "distilled from SFace (the privacy judge)" in res["notes"]
+    assert len(list((tmp_path / "teacher_cache").glob("teacher-*.pt"))) == 1   # built once, by rank 0
+    ck = safe_torch_load(tmp_path / "ddp" / "ckpt" / "last.pt")
+    assert len(ck["ranks"]) == 2
+    assert ck["ranks"][0]["model_checksum"] == ck["ranks"][1]["model_checksum"]
+    assert ck["distill"]["projection"] is not None and ck["distill"]["weight"] == 2.0
