@@ -244,3 +244,30 @@ def test_distillation_under_ddp_two_processes(tmp_path):
     assert len(ck["ranks"]) == 2
     assert ck["ranks"][0]["model_checksum"] == ck["ranks"][1]["model_checksum"]
     assert ck["distill"]["projection"] is not None and ck["distill"]["weight"] == 2.0
+
+
+def test_pool_partners_need_their_teacher_embeddings():
+    """A defense mixing partners from a public pool: without pool_emb the trainer refuses at construction; with
+    it, each step's targets include the pool partners (weighted like their labels)."""
+    g = torch.Generator().manual_seed(1)
+    y = torch.arange(N_IDS).repeat_interleave(PER_ID)
+    x = torch.rand(len(y), 3, SIZE, SIZE, generator=g) * 2 - 1
+    pool = torch.rand(5, 3, SIZE, SIZE, generator=g) * 2 - 1
+    d = create_defense("freq_mixup", k=2, seed=3)
+    d.mask.pool = pool                                  # partners from a public pool (HybridMask's pool=)
+    model = create_model("tiny_test", stem="freq", in_chans=d.in_channels, grid=SIZE // 8, embedding_size=D_T)
+    head = create_head("cosface", D_T, N_IDS, s=16.0)
+    opt = torch.optim.SGD(list(model.parameters()) + list(head.parameters()), lr=0.05)
+    with pytest.raises(ValueError, match="pool_emb"):
+        AlternatingTrainer(model, head, opt, TensorDataset(x, y), d, distill=Distillation(FakeCache(len(y))),
+                           options=TrainOptions(batch_size=8))
+    pool_emb = torch.nn.functional.normalize(torch.randn(5, D_T, generator=g), dim=1)
+    tr = AlternatingTrainer(model, head, opt, TensorDataset(x, y), d,
+                            distill=Distillation(FakeCache(len(y)), pool_emb=pool_emb), options=TrainOptions(batch_size=8))
+    assert d.release(x[:8])[1].source == "pool"
+    out = tr.step(next(iter(tr.batches())))
+    assert 0.0 <= out["distill_loss"] <= 2.0
+    rec = d.release(x[:8])[1]
+    other = Distillation(FakeCache(len(y)), pool_emb=-pool_emb)   # the pool partners' embeddings enter the target
+    idx = torch.arange(8)
+    assert not torch.allclose(tr.distill.target(idx, None, rec), other.target(idx, None, rec))

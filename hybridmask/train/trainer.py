@@ -199,6 +199,12 @@ class AlternatingTrainer(CheckpointMixin):
         self.distill = distill
         if distill is not None and not callable(getattr(distill, "target", None)):
             raise TypeError("distill must be a hybridmask.train.distill.Distillation")
+        pool = getattr(defense, "pool", None)
+        pool = getattr(getattr(defense, "mask", None), "pool", None) if pool is None else pool
+        if distill is not None and pool is not None and distill.pool_emb is None:
+            raise ValueError("the defense mixes partners from a public pool: give Distillation(pool_emb=...) the "
+                             "teacher's embeddings of the pool's faces (e.g. load_teacher(spec)(pool)), so a "
+                             "mix's target includes its pool partners")
         self.policy = policy.policy if policy else None
         self.policy_optim = policy.reinforce if policy else None
         self.n_fr, self.n_pi = (policy.n_fr, policy.n_pi) if policy else (1, 0)
