@@ -10,6 +10,7 @@ Typical use inside an alternating trainer (per batch; the decision is taken befo
     ... train the recogniser on masked, get per-sample FR losses fr (B,) ...
     r = reward(fr.detach(), k)                                     # LagrangianReward, (B,)
     rl.update(logp, r, entropy=policy.dist(ctx).entropy())         # Reinforce
+    (attacker in the loop: r = reward(fr, k, attack_error=attacker.step(masked, dominant_faces(faces, record))))
     every evaluation: reward.update_multiplier(U)                  # dual ascent on mu (U: k=1 accuracy)
     log reward.stats() / reward.histogram()                        # mu, utility, the k histogram
 
@@ -20,12 +21,14 @@ from .strategy import (K_VALUES, POLICIES, FixedKPolicy, MaskingPolicy, Strategy
                        create_policy, validate_k_values)
 from .reinforce import Reinforce
 from .reward import LagrangianReward
-from .toy import ToyMaskingGame
+from .toy import ToyAttacker, ToyMaskingGame
+from .attacker import ATTACKERS, DecoderAttacker, create_attacker, dominant_faces
 
 __all__ = [
     "CONTEXT_DIM", "FEATURE_NAMES", "FEATURE_CLIP", "context_dim", "context_features",
     "K_VALUES", "POLICIES", "MaskingPolicy", "StrategyNet", "FixedKPolicy", "UniformPolicy",
     "create_policy", "validate_k_values", "Reinforce", "LagrangianReward", "ToyMaskingGame",
+    "ToyAttacker", "ATTACKERS", "DecoderAttacker", "create_attacker", "dominant_faces",
     "MaskingEnv",
 ]
 

@@ -10,7 +10,11 @@ milliseconds:
   ``base + gain_i * log(k) + 0.3 * h + loss_noise * N(0, 1)`` with ``gain_i = gain * (1 + hetero * tanh(h))``:
   it grows with k (k=6 is always the most private action) with diminishing returns.
   ``hetero > 0`` makes the privacy benefit of mixing sample dependent (then a context-aware
-  policy can do better than any context-free one).
+  policy can do better than any context-free one). ``saturate=s`` replaces ``log(k)`` by
+  ``log(min(k, s))``: a recogniser whose loss stops growing beyond ``s`` mixed faces.
+* **Attacker (** :class:`ToyAttacker` **).** A stand-in for the online attacker's per-sample
+  reconstruction error: ``error[k] + noise * N(0, 1)`` (default ``error = log k``: the dominant face
+  of a larger mix is harder to recover, and keeps getting harder where the FR loss has saturated).
 * **Utility.** The recogniser "remembers" the mix of k it was recently trained on:
   ``mix <- memory * mix + (1 - memory) * fraction_of_each_k_in_batch``, and the measured utility
   is ``u_max - sum_k mix_k * damage_k + utility_noise * N(0, 1)``. By default
@@ -20,6 +24,7 @@ milliseconds:
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -33,7 +38,7 @@ class ToyMaskingGame:
     def __init__(self, k_values: Sequence[int] = K_VALUES, base: float = 2.0, gain: float = 1.0,
                  hetero: float = 0.0, loss_noise: float = 0.3, damage: Optional[Sequence[float]] = None,
                  u_max: float = 0.95, utility_noise: float = 0.01, memory: float = 0.8,
-                 channels: int = 16, grid: int = 4, seed=None):
+                 channels: int = 16, grid: int = 4, seed=None, saturate: Optional[int] = None):
         self.k_values = validate_k_values(k_values)
         self.base, self.gain, self.hetero, self.loss_noise = float(base), float(gain), float(hetero), float(loss_noise)
         if damage is None:
@@ -45,6 +50,9 @@ class ToyMaskingGame:
         if not 0.0 <= memory < 1.0:
             raise HybridMaskInputError(f"memory must be in [0, 1), got {memory}")
         self.memory = float(memory)
+        if saturate is not None and (isinstance(saturate, bool) or not isinstance(saturate, int) or saturate < 1):
+            raise HybridMaskInputError(f"saturate must be None or an int >= 1, got {saturate!r}")
+        self.saturate = saturate
         self.channels, self.grid = int(channels), int(grid)
         self.profile = torch.exp(-torch.arange(self.channels, dtype=torch.float64) / max(self.channels / 4, 1.0))
         self.generator = make_generator(seed)
@@ -78,6 +86,8 @@ class ToyMaskingGame:
     # --- the game -----------------------------------------------------------------------------
     def expected_loss(self, k: torch.Tensor, h: Optional[torch.Tensor] = None) -> torch.Tensor:
         k = torch.as_tensor(k, dtype=torch.float64)
+        if self.saturate is not None:
+            k = k.clamp(max=float(self.saturate))
         h = torch.zeros_like(k) if h is None else h
         gain = self.gain * (1.0 + self.hetero * torch.tanh(h))
         return self.base + gain * torch.log(k) + 0.3 * h
@@ -108,3 +118,29 @@ class ToyMaskingGame:
         """Noise-free utility when every sample uses one k (the table in the module doc)."""
         return {k: self.u_max - float(d) for k, d in zip(self.k_values, self.damage)}
 
+
+
+class ToyAttacker:
+    """Stand-in for the online attacker: per-sample reconstruction error ``error[k] + noise * N(0, 1)``
+    (``error``: one number per k value; default ``log k``). Higher error = more private."""
+
+    def __init__(self, k_values: Sequence[int] = K_VALUES, error: Optional[Sequence[float]] = None,
+                 noise: float = 0.1, seed=None):
+        self.k_values = validate_k_values(k_values)
+        if error is None:
+            error = [math.log(k) for k in self.k_values]
+        if len(error) != len(self.k_values):
+            raise HybridMaskInputError(f"error needs one number per k value {self.k_values}, got {len(error)}")
+        self.curve = torch.tensor([float(e) for e in error], dtype=torch.float64)
+        self.noise = float(noise)
+        self.generator = make_generator(seed)
+
+    def error(self, k: torch.Tensor) -> torch.Tensor:
+        """(B,) float32 errors for the k values ``k`` ``(B,)``."""
+        k = torch.as_tensor(k).long().cpu().reshape(-1)
+        bad = sorted({int(v) for v in k if int(v) not in self.k_values})
+        if bad:
+            raise HybridMaskInputError(f"k must be in {self.k_values}, got {bad}")
+        idx = torch.tensor([self.k_values.index(int(v)) for v in k])
+        e = self.curve[idx] + self.noise * torch.randn(k.numel(), generator=self.generator, dtype=torch.float64)
+        return e.float()
