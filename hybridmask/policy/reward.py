@@ -9,6 +9,12 @@ driven by the deficit ``U_target - U`` of a running k=1 held-out utility (PI-dam
 :meth:`LagrangianReward.update_multiplier`). With ``constraint=False`` the cost term is dropped. Everything the
 reward depends on is in :meth:`LagrangianReward.state_dict` (exact resume).
 
+Attacker in the loop: with ``attacker_weight = a > 0`` the privacy term is
+``(1 - a) * P_i + a * A_i``, ``A_i`` the attacker's per-sample reconstruction error (``attack_error``,
+e.g. from :class:`~hybridmask.policy.attacker.DecoderAttacker`) as a running global z-score. ``a = 0``
+(the default) gives the FR-loss reward bit for bit. The attacker object, when given, is checkpointed
+with the reward.
+
 Why this cannot collapse while the constraint binds, the credit-assignment argument, the
 normalisation of ``P`` and tuning rules for the multiplier: ``docs/policy.md``
 ("The reward in detail").
@@ -61,12 +67,15 @@ class LagrangianReward:
         momentum: per-sample EMA momentum of the running loss statistics.
         mu_max: upper bound of ``mu`` (keeps an infeasible target from blowing it up).
         clip: the privacy term is clipped to ``[-clip, clip]``.
+        attacker: an online attacker (:class:`~hybridmask.policy.attacker.DecoderAttacker`) the trainer trains
+            and asks for ``attack_error``; the reward only stores it (its state is in :meth:`state_dict`).
+        attacker_weight: ``a`` in ``[0, 1]``: the weight of the attacker term in the privacy term.
     """
 
     def __init__(self, k_values: Sequence[int] = K_VALUES, utility_target: float = 0.9, mu_init: float = 0.0,
                  mu_lr: float = 0.5, per_k_norm: bool = True, constraint: bool = True,
                  cost: Union[str, Sequence[float]] = "linear", momentum: float = 0.99, mu_max: float = 1e3,
-                 clip: float = 5.0, mu_kp: float = 10.0):
+                 clip: float = 5.0, mu_kp: float = 10.0, attacker=None, attacker_weight: float = 0.0):
         self.k_values = validate_k_values(k_values)
         self.utility_target = _finite_float(utility_target, "utility_target")
         self.mu = _finite_float(mu_init, "mu_init")
@@ -83,6 +92,10 @@ class LagrangianReward:
             raise HybridMaskInputError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.clip <= 0:
             raise HybridMaskInputError(f"clip must be > 0, got {self.clip}")
+        self.attacker = attacker
+        self.attacker_weight = _finite_float(attacker_weight, "attacker_weight")
+        if not 0.0 <= self.attacker_weight <= 1.0:
+            raise HybridMaskInputError(f"attacker_weight must be in [0, 1], got {self.attacker_weight}")
         self.per_k_norm = bool(per_k_norm)
         self.constraint = bool(constraint)
         self.cost_spec = cost if isinstance(cost, str) else "explicit"
@@ -92,12 +105,16 @@ class LagrangianReward:
         # running FR-loss statistics: global and per k
         self.g_mean, self.g_var, self.g_count = 0.0, 0.0, 0
         self.k_mean, self.k_var, self.k_count = [0.0] * K, [0.0] * K, [0] * K
+        # running statistics of the attacker's reconstruction error (global)
+        self.a_mean, self.a_var, self.a_count = 0.0, 0.0, 0
         # counts for logging: last batch, since the last multiplier update
         self.last_counts, self.window_counts = [0] * K, [0] * K
         self.utility_last: Optional[float] = None
         self.utility_ema: Optional[float] = None
         self.multiplier_updates = 0
         self._last = {"reward_mean": float("nan"), "privacy_mean": float("nan"), "cost_mean": float("nan")}
+        self._last_attack = {"attack_error_mean": float("nan"), "attack_term_mean": float("nan"),
+                             "fr_privacy_mean": float("nan")}
 
     # --- costs ----------------------------------------------------------------------------------
     def _make_costs(self, cost) -> tuple:
@@ -147,6 +164,33 @@ class LagrangianReward:
             raise HybridMaskInputError(f"k values {bad} are not in k_values {self.k_values}")
         return [self._index[v] for v in ks]
 
+    def _check_attack(self, attack_error, n: int) -> Optional[torch.Tensor]:
+        if attack_error is None:
+            if self.attacker_weight > 0:
+                raise HybridMaskInputError(f"attacker_weight={self.attacker_weight} > 0 needs the attacker's per-sample "
+                                           f"errors: pass attack_error=(B,) tensor")
+            return None
+        if not isinstance(attack_error, torch.Tensor) or not torch.is_floating_point(attack_error):
+            raise HybridMaskInputError("attack_error must be a floating-point torch.Tensor of shape (B,)")
+        if attack_error.shape != (n,):
+            raise HybridMaskInputError(f"attack_error must have shape ({n},) (one error per sample), "
+                                       f"got {tuple(attack_error.shape)}")
+        if not torch.isfinite(attack_error).all():
+            raise HybridMaskInputError("attack_error contains NaN or infinite values")
+        return attack_error.detach().double().cpu()
+
+    def _observe_attack(self, err: torch.Tensor) -> None:
+        n = err.numel()
+        self.a_count += n
+        w = max(1.0 - self.momentum ** n, n / self.a_count)
+        self.a_mean, self.a_var = _mix(self.a_mean, self.a_var, err.mean().item(), err.var(unbiased=False).item(), w)
+
+    def _attack_term(self, err: torch.Tensor) -> torch.Tensor:
+        """Running global z-score of the attacker's error (high error = private), clipped."""
+        floor = 1e-8 * (1.0 + abs(self.a_mean))
+        s = max(math.sqrt(max(self.a_var, 0.0)), floor)
+        return ((err - self.a_mean) / s).clamp(-self.clip, self.clip)
+
     def _observe(self, loss: torch.Tensor, idx: list) -> None:
         m = self.momentum
         n = loss.numel()
@@ -169,10 +213,16 @@ class LagrangianReward:
         self.last_counts = counts
         self.window_counts = [a + b for a, b in zip(self.window_counts, counts)]
 
-    def privacy(self, fr_loss: torch.Tensor, k) -> torch.Tensor:
-        """Normalised privacy term ``P`` under the current running statistics (no update)."""
+    def privacy(self, fr_loss: torch.Tensor, k, attack_error: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Normalised privacy term under the current running statistics (no update): ``P``, or
+        ``(1 - a) * P + a * A`` with ``attack_error`` and ``attacker_weight = a > 0``."""
         idx = self._check(fr_loss, k)
-        return self._privacy(fr_loss.detach().double().cpu(), idx).to(fr_loss.device, fr_loss.dtype)
+        err = self._check_attack(attack_error, fr_loss.shape[0])
+        p = self._privacy(fr_loss.detach().double().cpu(), idx)
+        if err is not None and self.attacker_weight > 0:
+            a = self.attacker_weight
+            p = (1.0 - a) * p + a * self._attack_term(err)
+        return p.to(fr_loss.device, fr_loss.dtype)
 
     def _privacy(self, loss: torch.Tensor, idx: list) -> torch.Tensor:
         floor = 1e-8 * (1.0 + abs(self.g_mean))
@@ -187,16 +237,29 @@ class LagrangianReward:
             p = (mk - self.g_mean) / s_g + (loss - mk) / sk
         return p.clamp(-self.clip, self.clip)
 
-    def __call__(self, fr_loss: torch.Tensor, k, update: bool = True) -> torch.Tensor:
+    def __call__(self, fr_loss: torch.Tensor, k, update: bool = True,
+                 attack_error: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Per-sample rewards ``(B,)`` for per-sample FR losses ``fr_loss`` ``(B,)`` and the k
         values ``k`` ``(B,)`` (or one int/scalar for the whole batch) the samples were mixed with.
-        ``update=True`` first folds the batch into the running loss statistics. The result has
+        ``attack_error`` ``(B,)``: the attacker's per-sample reconstruction error (required when
+        ``attacker_weight > 0``; with weight 0 it is only tracked for logging).
+        ``update=True`` first folds the batch into the running statistics. The result has
         ``fr_loss``'s dtype and device and no gradient."""
         idx = self._check(fr_loss, k)
+        err = self._check_attack(attack_error, fr_loss.shape[0])
         loss = fr_loss.detach().double().cpu()
         if update:
             self._observe(loss, idx)
+            if err is not None:
+                self._observe_attack(err)
         p = self._privacy(loss, idx)
+        if err is not None:
+            z = self._attack_term(err)
+            self._last_attack = {"attack_error_mean": float(err.mean()), "attack_term_mean": float(z.mean()),
+                                 "fr_privacy_mean": float(p.mean())}
+            if self.attacker_weight > 0:
+                a = self.attacker_weight
+                p = (1.0 - a) * p + a * z
         c = torch.tensor(self.costs, dtype=torch.float64)[torch.tensor(idx)]
         r = p - self.mu * c if self.constraint else p
         self._last = {"reward_mean": float(r.mean()), "privacy_mean": float(p.mean()), "cost_mean": float(c.mean())}
@@ -227,11 +290,12 @@ class LagrangianReward:
     def stats(self) -> Dict[str, float]:
         """Flat dict of floats for a logger: ``mu``, last-batch ``reward_mean``/``privacy_mean``/
         ``cost_mean``, ``utility``/``utility_ema``/``violation``/``penalty`` (NaN before the first
-        measurement), and per k: ``count_k{k}`` (cumulative), ``frac_k{k}`` (last batch),
+        measurement), the attacker's last-batch ``attack_error_mean``, ``attack_term_mean`` and the
+        FR-loss part ``fr_privacy_mean`` (NaN without attack errors), and per k: ``count_k{k}`` (cumulative), ``frac_k{k}`` (last batch),
         ``loss_mean_k{k}`` (running mean FR loss)."""
         nan = float("nan")
         u = self.utility_last
-        out = {"mu": self.mu, **self._last,
+        out = {"mu": self.mu, **self._last, **self._last_attack, "attacker_weight": self.attacker_weight,
                "utility": nan if u is None else u,
                "utility_ema": nan if self.utility_ema is None else self.utility_ema,
                "violation": nan if u is None else self.utility_target - u,
@@ -257,6 +321,9 @@ class LagrangianReward:
             "last_counts": list(self.last_counts), "window_counts": list(self.window_counts),
             "utility_last": self.utility_last, "utility_ema": self.utility_ema,
             "multiplier_updates": self.multiplier_updates, "last": dict(self._last),
+            "attacker_weight": self.attacker_weight, "a": [self.a_mean, self.a_var, self.a_count],
+            "last_attack": dict(self._last_attack),
+            "attacker": None if self.attacker is None else self.attacker.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -279,5 +346,18 @@ class LagrangianReward:
             self.utility_ema = None if state["utility_ema"] is None else float(state["utility_ema"])
             self.multiplier_updates = int(state["multiplier_updates"])
             self._last = {k: float(v) for k, v in state["last"].items()}
+            # the attacker in the loop (absent from states written before it existed: weight 0, no attacker)
+            self.attacker_weight = float(state.get("attacker_weight", 0.0))
+            a = state.get("a", [0.0, 0.0, 0])
+            self.a_mean, self.a_var, self.a_count = float(a[0]), float(a[1]), int(a[2])
+            if "last_attack" in state:
+                self._last_attack = {k: float(v) for k, v in state["last_attack"].items()}
+            att = state.get("attacker")
+            if (att is None) != (self.attacker is None):
+                raise HybridMaskInputError(
+                    f"checkpoint and reward disagree on the attacker: the checkpoint {'has' if att is not None else 'has no'} "
+                    f"attacker state, this reward {'has' if self.attacker is not None else 'has no'} attacker")
+            if att is not None:
+                self.attacker.load_state_dict(att)
         except (KeyError, TypeError, IndexError) as e:
             raise HybridMaskInputError(f"not a LagrangianReward state dict: missing or bad entry {e}") from e
