@@ -46,6 +46,8 @@ RANGES = {"run.threads": (1, None), "data.batch_size": (1, None), "data.min_imag
           "train.privacy_weight": (0.0, None), "policy.hidden": (1, None), "policy.lr": (0.0, None),
           "policy.k": (1, None), "policy.ema": (0.0, 1.0), "policy.entropy_coef": (0.0, None),
           "reward.utility_target": (0.0, 1.0), "reward.mu_max": (0.0, None), "reward.momentum": (0.0, 1.0),
+          "reward.attacker.weight": (0.0, 1.0), "reward.attacker.width": (1, None), "reward.attacker.size": (4, None),
+          "reward.attacker.lr": (0.0, None), "reward.attacker.steps": (1, None),
           "teacher.weight": (0.0, None), "eval.pairs": (1, None), "eval.every": (0, None), "eval.final_pairs": (1, None), "eval.batch_size": (1, 128)}
 
 

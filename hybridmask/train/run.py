@@ -75,6 +75,51 @@ def build_policy(policy_cfg: Dict[str, Any], seed: int):
     return create_policy(name, seed=seed, **args)
 
 
+def build_reward(reward_cfg: Dict[str, Any], k_values, in_channels: int, seed: int):
+    """The policy's :class:`~hybridmask.policy.LagrangianReward` from a config's ``reward:`` section, with the
+    attacker in the loop its ``attacker:`` sub-section names (``name: none | decoder``, ``weight``, ``width``,
+    ``size``, ``lr``, ``steps``; docs/policy.md). Errors name the config key."""
+    from ..policy import ATTACKERS, LagrangianReward, create_attacker
+    from ..utils import HybridMaskInputError
+    args = dict(reward_cfg)
+    att = dict(args.pop("attacker", None) or {})
+    name = str(att.get("name") or "none").lower()
+    weight = float(att.get("weight") or 0.0)
+    if name not in ATTACKERS and name != "null":
+        raise ValueError(f"config key 'reward.attacker.name' must be one of {', '.join(ATTACKERS)}, got {att.get('name')!r}")
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"config key 'reward.attacker.weight' must be in [0, 1], got {weight!r}")
+    attacker = None
+    if name not in ("none", "null"):
+        size = int(att.get("size", 28))
+        if size % 2 or size < 4:
+            raise ValueError(f"config key 'reward.attacker.size' must be an even number >= 4, got {size!r}")
+        lr = float(att.get("lr", 1e-3))
+        if not lr > 0:
+            raise ValueError(f"config key 'reward.attacker.lr' must be > 0, got {lr!r}")
+        try:
+            attacker = create_attacker(name, in_channels, width=int(att.get("width", 32)), size=size, lr=lr,
+                                       steps=int(att.get("steps", 1)), seed=int(seed))
+        except HybridMaskInputError as e:
+            raise ValueError(f"config section 'reward.attacker': {e}") from None
+    elif weight > 0:
+        raise ValueError(f"config key 'reward.attacker.weight' is {weight} but reward.attacker.name is none: "
+                         f"the attacker term needs an attacker (reward.attacker.name=decoder)")
+    return LagrangianReward(k_values, **args, attacker=attacker, attacker_weight=weight)
+
+
+def _attacker_record(reward) -> Optional[Dict[str, Any]]:
+    """What results.json records about the attacker in the loop (None without one)."""
+    att = getattr(reward, "attacker", None)
+    if att is None:
+        return None
+    return {**att.config(), "weight": float(reward.attacker_weight), "parameters": att.num_parameters(),
+            "updates": att.updates, "releases_seen": att.seen, "last_error": att.last.get("error"),
+            "last_train_loss": att.last.get("train_loss"),
+            "note": "white-box proxy trained on the run's own releases and clean faces (scored against each mix's "
+                    "dominant face); not the benchmark's attacks"}
+
+
 def _run_hybridmask(cfg: Dict[str, Any]) -> Dict[str, Any]:
     t_start = time.time()
     run_cfg = cfg["run"]
@@ -132,7 +177,7 @@ def _train_in(out: Path, out_root: Path, name: str, cfg: Dict[str, Any], t_start
     from ..defenses.adaptive import save_policy
     from ..defenses.io import build_defense, defense_record, save_client_key
     from ..models import create_head, create_model, save_model
-    from ..policy import LagrangianReward, Reinforce
+    from ..policy import Reinforce
     from .callbacks import Checkpoint, Logging, ProgressBar, Utility, Verification
     from .card import write_policy_card
     from .data import holdout_split, load_training_set
@@ -214,7 +259,7 @@ def _train_in(out: Path, out_root: Path, name: str, cfg: Dict[str, Any], t_start
             reinforce = Reinforce(policy, lr=float(policy_cfg["lr"]), baseline=policy_cfg["baseline"],
                                   ema=float(policy_cfg["ema"]), entropy_coef=float(policy_cfg["entropy_coef"]),
                                   grad_clip=policy_cfg.get("grad_clip"))
-            reward = LagrangianReward(policy.k_values, **dict(cfg["reward"]))
+            reward = build_reward(cfg["reward"], policy.k_values, defense.in_channels, seed=seed + 29)
         policy_setup = PolicySetup(policy, reinforce, reward, n_fr=int(train_cfg["n_fr"]),
                                    n_pi=int(train_cfg["n_pi"]), calibrate=bool(policy_cfg.get("calibrate", True)))
     # a trainable defense (DCTDP's noise budget) trains with its own Adam on the same LR schedule
@@ -298,6 +343,9 @@ def _train_in(out: Path, out_root: Path, name: str, cfg: Dict[str, Any], t_start
                 results["notes"] = list(results.get("notes") or []) + [rec["note"]]
         if teacher_rec is not None:
             results["teacher"] = teacher_rec
+        attacker_rec = _attacker_record(trainer.reward)
+        if attacker_rec is not None:
+            results["attacker"] = _plain(attacker_rec)
         if changes:   # run.allow_config_change: the model was trained partly under the earlier config
             results["config_changes_on_resume"] = changes
         if learned:

@@ -21,7 +21,10 @@ The alternation (DESIGN 1.1 step 5, "alternating projection"): every ``step(batc
 After every ``n_fr`` recognizer steps come ``n_pi`` *policy* steps on the same batch (no new data is
 loaded): the recognizer is frozen (eval mode, no gradient), the policy samples k, the encoded batch is
 re-mixed with them, the per-sample FR losses give the Lagrangian reward and REINFORCE updates the
-policy. The :class:`~hybridmask.train.callbacks.Utility` callback measures the utility ``U``
+policy. With an attacker in the loop (``LagrangianReward(attacker=DecoderAttacker(...), attacker_weight=a)``)
+each policy step's releases are first scored by the attacker against their dominant clean faces (the
+per-sample reconstruction error enters the reward's privacy term), then the attacker trains on them with
+its own optimizer (the recognizer is untouched). The :class:`~hybridmask.train.callbacks.Utility` callback measures the utility ``U``
 (identification accuracy of k=1 queries on held-out images of training identities) and feeds it to
 ``reward.update_multiplier(U)``.
 
@@ -227,6 +230,12 @@ class AlternatingTrainer(CheckpointMixin):
         self.projection = distill.projection if distill is not None else None
         for m in (model, head, defense) + tuple(x for x in (self.policy, self.projection) if x is not None):
             m.to(self.device)
+        self.attacker = getattr(self.reward, "attacker", None) if self.learn_policy else None
+        if self.learn_policy and self.attacker is None and float(getattr(self.reward, "attacker_weight", 0.0)) > 0:
+            raise ValueError("the reward weighs an attacker term (attacker_weight > 0) but has no attacker: "
+                             "give LagrangianReward(attacker=DecoderAttacker(defense.in_channels), ...)")
+        if self.attacker is not None:
+            self.attacker.to(self.device)
         if self.projection is not None:
             covered = {id(p) for g in optimizer.param_groups for p in g["params"]}
             if any(id(p) not in covered for p in self.projection.parameters()):
@@ -240,6 +249,8 @@ class AlternatingTrainer(CheckpointMixin):
             self.net = DDP(self.net, device_ids=ids, find_unused_parameters=unused)
             if self.policy is not None:   # one policy (weights + sampling generator) on every rank
                 self.policy.load_state_dict(D.broadcast_object(self.policy.state_dict()))
+            if self.attacker is not None:   # one attacker on every rank (its gradients are averaged)
+                self.attacker.load_state_dict(D.broadcast_object(self.attacker.state_dict()))
         # data
         self.sampler: Optional[ResumableBatchSampler] = None
         self.batch_size: Optional[int] = None
@@ -545,7 +556,13 @@ class AlternatingTrainer(CheckpointMixin):
                     y, w = self._labels(rec, labels)
                     fr = self.loss_fn(self.model(masked), y, w)
                 fr_all = D.all_gather_cat(fr.detach().float())
-                r = self.reward(fr_all.cpu().double(), k_all.cpu())
+                if self.attacker is None:
+                    r = self.reward(fr_all.cpu().double(), k_all.cpu())
+                else:   # scored before it trains on these releases (out of sample), then trained on them
+                    from ..policy.attacker import dominant_faces
+                    err = self.attacker.step(masked, dominant_faces(images, rec))
+                    err_all = D.all_gather_cat(err.detach().float())
+                    r = self.reward(fr_all.cpu().double(), k_all.cpu(), attack_error=err_all.cpu().double())
                 ent = self.policy.dist(ctx).entropy()
                 st = self.policy_optim.update(logp, r.to(logp.device, logp.dtype), entropy=ent)
                 if D.is_dist():  # identical inputs give identical updates; re-sync anyway (tiny)
@@ -563,6 +580,10 @@ class AlternatingTrainer(CheckpointMixin):
         rs = self.reward.stats()
         for key in ("mu", "privacy_mean", "cost_mean"):
             stats[f"policy/{key}"] = float(rs[key])
+        if self.attacker is not None:
+            for key in ("attack_error_mean", "attack_term_mean", "fr_privacy_mean"):
+                stats[f"policy/{key}"] = float(rs[key])
+            stats["policy/attacker_train_loss"] = float(self.attacker.last["train_loss"])
         self.last_policy_stats = stats
         return stats
 
