@@ -26,17 +26,28 @@ from .ppfrfd import PPFRFD
 
 ORDERS = ("mask_mix", "mix_mask")
 #: the plain-data constructor arguments of :class:`HybridMask` (its ``config``)
-CONFIG_KEYS = ("u", "drop", "shuffle", "mix", "k", "weights", "max_weight", "alpha", "granularity", "order")
+CONFIG_KEYS = ("u", "drop", "shuffle", "mix", "k", "weights", "max_weight", "alpha", "granularity", "order",
+               "subset", "subset_keys")
+
+
+def subset_config(subset, subset_keys) -> Dict[str, Any]:
+    """The ``subset`` / ``subset_keys`` entries of a config: present only when a subset is set, so the
+    configs (and records) of maskings without one stay as they were."""
+    if subset is None and subset_keys is None:
+        return {}
+    return {"subset": subset, "subset_keys": subset_keys}
 
 
 class _EncodedPool:
     """Pool of public pixel faces, encoded through the same front end (with the drawn permutations
     of each partner column) only when drawn."""
 
-    def __init__(self, images: torch.Tensor, encode, perms: Optional[torch.Tensor] = None):
+    def __init__(self, images: torch.Tensor, encode, perms: Optional[torch.Tensor] = None,
+                 subsets: Optional[torch.Tensor] = None):
         self.images = images
         self.encode = encode
         self.perms = perms     # (B, K-1, C) or None
+        self.subsets = subsets  # (B, K-1, C) bool or None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -44,7 +55,8 @@ class _EncodedPool:
     def __call__(self, idx: torch.Tensor, column: int) -> torch.Tensor:
         faces = self.images.index_select(0, idx.to(self.images.device))
         perm = None if self.perms is None else self.perms[:, column - 1]
-        return self.encode(faces, perm)
+        subset = None if self.subsets is None else self.subsets[:, column - 1]
+        return self.encode(faces, perm, subset)
 
 
 class HybridMask(nn.Module):
@@ -53,7 +65,11 @@ class HybridMask(nn.Module):
     Args:
         u: upsampling factor of the BDCT (1 -> 14x14 grid, 2 -> 28x28, 8 -> 112x112).
         drop: channels to drop (``"dc"``, ``"lowN"``, ``"none"`` or indices).
-        shuffle / mix: PPFR-FD fast masking (``"sample"|"key"|"keys:R"|"none"`` / ``"neighbour"|"none"``).
+        shuffle / mix: PPFR-FD fast masking (``"sample"|"key"|"keys:R"|"none"`` /
+            ``"neighbour"|"orthogonal"|"none"``; ``"orthogonal"``: a secret dense orthogonal channel mix, a
+            client key).
+        subset / subset_keys: each face keeps a secret random ``subset`` of the kept channels (the rest
+            zeroed), fresh per face or one of ``subset_keys`` fixed subsets (see :class:`PPFRFD`).
         k: default number of faces per mix (int, per-sample tensor, or callable). 1 = no MixUp.
         weights, max_weight, alpha, granularity: see :class:`FreqMixUp`.
         order: ``"mask_mix"`` or ``"mix_mask"``.
@@ -64,7 +80,7 @@ class HybridMask(nn.Module):
     def __init__(self, u: int = 1, drop: ChannelSpec = "dc", shuffle: str = "sample", mix: str = "neighbour",
                  k: KLike = 1, weights: str = "instahide", max_weight: float = 0.65, alpha: float = 1.0,
                  granularity: str = "image", order: str = "mask_mix", pool: Optional[torch.Tensor] = None,
-                 seed: SeedLike = None):
+                 seed: SeedLike = None, subset: Optional[int] = None, subset_keys: Optional[int] = None):
         super().__init__()
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
@@ -72,14 +88,15 @@ class HybridMask(nn.Module):
             check_images(pool, "pool", channels=3, multiple=8 // u if u in (1, 2, 4, 8) else None)
         self.generator = make_generator(seed)
         self.bdct = BlockDCT(u)
-        self.ppfrfd = PPFRFD(drop=drop, shuffle=shuffle, mix=mix, seed=self.generator)
+        self.ppfrfd = PPFRFD(drop=drop, shuffle=shuffle, mix=mix, seed=self.generator, subset=subset,
+                             subset_keys=subset_keys)
         self.mixup = FreqMixUp(k=k, weights=weights, max_weight=max_weight, alpha=alpha,
                                granularity=granularity, seed=self.generator)
         self.order = order
         self.pool = pool
         self._config = dict(u=u, drop=drop if isinstance(drop, (str, type(None))) else list(drop), shuffle=shuffle,
                             mix=mix, k=k if isinstance(k, int) else 1, weights=weights, max_weight=max_weight,
-                            alpha=alpha, granularity=granularity, order=order)
+                            alpha=alpha, granularity=granularity, order=order, **subset_config(subset, subset_keys))
 
     # ---- configuration -------------------------------------------------------------------
     @property
@@ -107,10 +124,16 @@ class HybridMask(nn.Module):
 
     # ---- secret state (for exact resume; keep it as secret as the key it is) -------------
     def secret_state(self) -> Dict[str, torch.Tensor]:
-        """The generator state and, with a client key (``shuffle="key"``/``"keys:R"``), its ``(R, C)`` ``keys``."""
+        """The generator state and the client key's parts: the ``(R, C)`` permutation ``keys``
+        (``shuffle="key"``/``"keys:R"``), the ``(C, C)`` ``orthogonal`` mix, the ``(R, m)`` ``subset_keys``."""
+        p = self.ppfrfd
         state = {"generator": generator_state(self.generator)}
-        if self.ppfrfd.keys is not None:
-            state["keys"] = self.ppfrfd.keys.clone()
+        if p.keys is not None:
+            state["keys"] = p.keys.clone()
+        if p.orthogonal is not None:
+            state["orthogonal"] = p.orthogonal.clone()
+        if p.subset_masks is not None:
+            state["subset_keys"] = p.subset_index()
         return state
 
     def load_secret_state(self, state: Dict[str, torch.Tensor]) -> None:
@@ -119,12 +142,23 @@ class HybridMask(nn.Module):
             self.ppfrfd.set_keys(state["keys"])
         elif "key_perm" in state:   # checkpoints written before keys:R (one key row)
             self.ppfrfd.set_keys(state["key_perm"])
+        if "orthogonal" in state:
+            self.ppfrfd.set_orthogonal(state["orthogonal"])
+        if "subset_keys" in state:
+            self.ppfrfd.set_subset_keys(state["subset_keys"])
 
     # ---- the transform: draw the secrets, then apply them --------------------------------
-    def encode(self, images: torch.Tensor, perm: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, perm: Optional[torch.Tensor] = None,
+               subset: Optional[torch.Tensor] = None) -> torch.Tensor:
         """BDCT + PPFR-FD of each face on its own (no MixUp): ``(B, 3, H, W)`` -> ``(B, C_kept, h, w)``.
-        ``perm``: the channel permutations to apply (None: fresh ones from the secret generator)."""
-        return self.ppfrfd(self.bdct(images), perm)
+        ``perm`` / ``subset``: the channel permutations and subsets to apply (None: fresh ones from the
+        secret generator)."""
+        return self.ppfrfd(self.bdct(images), perm, subset)
+
+    def face_draw(self, batch: int) -> Draw:
+        """The per-face secrets of ``batch`` faces (no MixUp): channel permutations and subsets."""
+        perm, subset = self.ppfrfd.draw_faces(batch)
+        return Draw(perm=perm, subset=subset)
 
     def _mix_shape(self, images: torch.Tensor) -> torch.Tensor:
         """A zero stand-in with the (B, C) of the tensor the MixUp mixes (drawing needs only its shape)."""
@@ -132,33 +166,37 @@ class HybridMask(nn.Module):
         return images.new_zeros(images.shape[0], c, 1, 1)
 
     def draw(self, images: torch.Tensor, k: Optional[KLike] = None) -> Draw:
-        """All secrets of one release of ``images``: the channel permutations and the MixUp's partners
-        and weights (and the permutations of pool partners). ``apply(images, draw(images, k))`` is
+        """All secrets of one release of ``images``: the channel permutations and subsets and the MixUp's
+        partners and weights (and the permutations and subsets of pool partners). ``apply(images, draw(images, k))`` is
         ``forward(images, k)``; a callable ``k`` is evaluated on the masked batch."""
         check_images(images)
         b = images.shape[0]
         if self.order == "mix_mask":
             mix = self.mixup.draw(self._mix_shape(images), k, self._pool_size(), None)
-            return Draw(perm=self.ppfrfd.permutations(b), mix=mix)
-        perm = self.ppfrfd.permutations(b)
-        return self.draw_mix(images, Draw(perm=perm), k)
+            face = self.face_draw(b)
+            return Draw(perm=face.perm, subset=face.subset, mix=mix)
+        return self.draw_mix(images, self.face_draw(b), k)
 
     def draw_mix(self, images: torch.Tensor, draw: Draw, k: Optional[KLike] = None,
                  encoded: Optional[torch.Tensor] = None) -> Draw:
-        """``draw`` with fresh MixUp partners and weights for ``k`` (its permutations kept): what the
+        """``draw`` with fresh MixUp partners and weights for ``k`` (its per-face secrets kept): what the
         trainer does after the policy has chosen k from the masked batch. ``encoded``: the masked
         batch, needed only for a callable ``k``."""
         if callable(k) and not isinstance(k, torch.Tensor):
-            k = k(encoded if encoded is not None else self.encode(images, draw.perm))
+            k = k(encoded if encoded is not None else self.encode(images, draw.perm, draw.subset))
         shape = self._mix_shape(images)
         bands = self.ppfrfd.kept_index % 64 if self.order == "mask_mix" else None
         mix = self.mixup.draw(shape, k, self._pool_size(), bands)
-        pool_perm = None
-        if self.pool is not None and self.order == "mask_mix" and self.ppfrfd.shuffle != "none":
-            kmax = mix.indices.shape[1]
-            pool_perm = torch.stack([self.ppfrfd.permutations(images.shape[0]) for _ in range(kmax - 1)], 1) \
-                if kmax > 1 else None
-        return Draw(perm=draw.perm, mix=mix, pool_perm=pool_perm, noise=draw.noise)
+        pool_perm = pool_subset = None
+        kmax = mix.indices.shape[1]
+        if self.pool is not None and self.order == "mask_mix" and kmax > 1:
+            b = images.shape[0]
+            if self.ppfrfd.shuffle != "none":
+                pool_perm = torch.stack([self.ppfrfd.permutations(b) for _ in range(kmax - 1)], 1)
+            if self.ppfrfd.subset is not None:
+                pool_subset = torch.stack([self.ppfrfd.subsets(b) for _ in range(kmax - 1)], 1)
+        return Draw(perm=draw.perm, mix=mix, pool_perm=pool_perm, noise=draw.noise, subset=draw.subset,
+                    pool_subset=pool_subset)
 
     def _pool_size(self) -> Optional[int]:
         return None if self.pool is None else int(self.pool.shape[0])
@@ -168,8 +206,8 @@ class HybridMask(nn.Module):
             return None
         pool = self.pool.to(images.device, images.dtype)
         if self.order == "mask_mix":
-            return _EncodedPool(pool, self.encode, draw.pool_perm)
-        return _EncodedPool(pool, lambda faces, perm: self.bdct(faces))
+            return _EncodedPool(pool, self.encode, draw.pool_perm, draw.pool_subset)
+        return _EncodedPool(pool, lambda faces, perm, subset: self.bdct(faces))
 
     def mix(self, encoded: torch.Tensor, draw: Draw, images: Optional[torch.Tensor] = None
             ) -> Tuple[torch.Tensor, MixRecord]:
@@ -181,12 +219,12 @@ class HybridMask(nn.Module):
         pool = self._pool(images if images is not None else encoded, draw)
         mixed = self.mixup.apply(encoded, draw.mix, pool)
         if self.order == "mix_mask":
-            mixed = self.ppfrfd(mixed, draw.perm)
+            mixed = self.ppfrfd(mixed, draw.perm, draw.subset)
         return mixed, draw.mix
 
     def front(self, images: torch.Tensor, draw: Draw) -> torch.Tensor:
         """The per-face half of :meth:`apply`: masked faces (``mask_mix``) or their BDCT (``mix_mask``)."""
-        return self.encode(images, draw.perm) if self.order == "mask_mix" else self.bdct(images)
+        return self.encode(images, draw.perm, draw.subset) if self.order == "mask_mix" else self.bdct(images)
 
     def apply(self, images: torch.Tensor, draw: Draw) -> Tuple[torch.Tensor, MixRecord]:
         """Release ``images`` with the secrets of ``draw`` (deterministic)."""

@@ -86,11 +86,16 @@ class Draw:
     mix:       the partners and weights of a MixUp (:class:`MixRecord`); None: each face alone.
     pool_perm: (B, K-1, C) permutations of partners drawn from a public pool.
     noise:     defense-specific noise in the release's shape (DCTDP's Laplace draws, InstaHide's signs).
+    subset:    (B, C) bool: the kept channels (in kept order, before the shuffle) each face keeps
+               (PPFR-FD's ``subset=m``; None: all).
+    pool_subset: (B, K-1, C) bool subsets of partners drawn from a public pool.
     """
     perm: Optional[torch.Tensor] = None
     mix: Optional[MixRecord] = None
     pool_perm: Optional[torch.Tensor] = None
     noise: Optional[torch.Tensor] = None
+    subset: Optional[torch.Tensor] = None
+    pool_subset: Optional[torch.Tensor] = None
 
 
 def sample_gamma(alpha: float, shape, generator: torch.Generator) -> torch.Tensor:
