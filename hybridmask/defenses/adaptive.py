@@ -25,7 +25,7 @@ import torch
 
 from ..utils import atomic_save, safe_torch_load
 from ..utils.rng import SeedLike
-from ..freq import Draw
+from ..freq.hybrid import subset_config
 from .base import MaskDefense, default_mix, register_defense
 
 POLICY_FORMAT = "hybridmask.policy"
@@ -110,7 +110,8 @@ class AdaptiveMask(MaskDefense):
         greedy: take the policy's most likely k instead of sampling it.
         running_loss, progress: the scalar context features at deployment (default: those
             stored in ``policy_path``, else 0 and 1).
-        u, drop, shuffle, mix, weights, max_weight, granularity, order: see :class:`HybridMask`.
+        u, drop, shuffle, mix, weights, max_weight, granularity, order, subset, subset_keys: see
+            :class:`HybridMask`.
         seed: masking secrets (``None``: secure OS seed). ``policy_seed``: the policy's sampling.
     """
     name = "adaptive"
@@ -123,13 +124,14 @@ class AdaptiveMask(MaskDefense):
                  running_loss: Optional[float] = None, progress: Optional[float] = None,
                  u: int = 1, drop="dc", shuffle: str = "sample", mix: Optional[str] = None, weights: str = "instahide",
                  max_weight: float = 0.65, granularity: str = "image", order: str = "mask_mix",
+                 subset: Optional[int] = None, subset_keys: Optional[int] = None,
                  seed: SeedLike = None, policy_seed: SeedLike = None):
         from ..policy import UniformPolicy, create_policy
         if policy_seed is None and isinstance(seed, int):   # a seeded (test) defense samples its k reproducibly too
             policy_seed = seed + 1
         mask_args = dict(u=u, drop=drop, shuffle=shuffle, mix=default_mix(shuffle, mix), weights=weights,
                          max_weight=max_weight,
-                         granularity=granularity, order=order)
+                         granularity=granularity, order=order, **subset_config(subset, subset_keys))
         super().__init__({}, seed=seed, k=1, **mask_args)
         ctx = {"running_loss": 0.0, "progress": 1.0}
         if policy is None and policy_path is not None:
@@ -190,7 +192,7 @@ class AdaptiveMask(MaskDefense):
         the trainer, or an attacker's white-box probe)."""
         if k is not None:
             return super().draw(images, k)
-        d = Draw(perm=self.mask.ppfrfd.permutations(images.shape[0]))
+        d = self.mask.face_draw(images.shape[0])
         encoded = self.mask.front(images, d)
         kk, _, _ = self.policy.act(self.context(encoded), greedy=self.greedy)
         return self.mask.draw_mix(images, d, kk, encoded=encoded)

@@ -35,12 +35,13 @@ seed; see :mod:`hybridmask.utils.rng`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from ..freq import Draw, HybridMask, MixRecord
+from ..freq.hybrid import subset_config
 from ..freq.mixup import draw_partners, sample_weights
 from ..utils import Registry, check_images, make_generator
 from ..utils.rng import SeedLike, generator_state, set_generator_state
@@ -56,13 +57,18 @@ class Structure:
     kept:        the BDCT channels released, in release order before any secret shuffle.
     shuffle:     secret channel permutation: ``"sample"`` (fresh per face), ``"key"`` (one client key),
                  ``"keys:R"`` (R client keys, one drawn per face; R >= 2) or ``"none"``.
-    channel_mix: public channel mixing after the shuffle (``"neighbour"``: ``(I + S)/sqrt(2)``) or ``"none"``.
+    channel_mix: channel mixing after the shuffle: ``"neighbour"`` (``(I + S)/sqrt(2)``: public and invertible),
+                 ``"orthogonal"`` (a *secret* Haar-random ``C x C`` orthogonal matrix, part of the client key: the
+                 attacker knows only that it is orthogonal, not which one) or ``"none"``.
     sign_flip:   a fresh secret sign per released value (InstaHide).
     noise:       additive secret noise (``"laplace"``) or ``"none"``.
     k:           the fixed number of faces a training release mixes (None: chosen per face).
     k_values:    the numbers of faces a training release may mix.
     mix_order:   ``"mask_mix"`` (each face shuffled, then mixed) or ``"mix_mask"``; None without MixUp.
     weight_granularity: one MixUp weight per face (``"image"``), per band or per channel.
+    subset:      each face keeps only a secret random ``subset`` of the ``kept`` channels, the others zeroed
+                 (which ones is secret; the number is public); None: every kept channel.
+    subset_keys: None: a fresh subset per face; R: one of R fixed secret subsets per face (client key).
     """
     transform: str = "identity"
     bdct: Optional[nn.Module] = None
@@ -75,6 +81,10 @@ class Structure:
     k_values: Tuple[int, ...] = (1,)
     mix_order: Optional[str] = None
     weight_granularity: str = "image"
+    subset: Optional[int] = None
+    subset_keys: Optional[int] = None
+
+
 INPUT_KINDS = ("pixel", "freq", "feature")
 
 
@@ -233,14 +243,15 @@ class Defense(nn.Module):
             raise ValueError(f"defense {self.name!r} has no secret generator to restore")
         set_generator_state(gen, state["generator"])
 
-    def client_key(self) -> Optional[torch.Tensor]:
+    def client_key(self) -> Optional[Union[torch.Tensor, Dict[str, torch.Tensor]]]:
         """The client key: secret values fixed for the defense's lifetime that a recognizer trained behind it
-        needs at query time (PPFR-FD's ``shuffle="key"``/``"keys:R"``: the ``(R, C)`` permutations); None for
-        a defense without one. As secret as :meth:`secret_state`; saved apart from the model
-        (:func:`hybridmask.defenses.io.save_client_key`)."""
+        needs at query time; None for a defense without one. PPFR-FD's ``shuffle="key"``/``"keys:R"`` alone:
+        the ``(R, C)`` permutations; with ``mix="orthogonal"`` or ``subset_keys=R``: a dict of ``perm``,
+        ``orthogonal`` ``(C, C)``, ``subsets`` ``(R, m)`` (those it has). As secret as :meth:`secret_state`;
+        saved apart from the model (:func:`hybridmask.defenses.io.save_client_key`)."""
         return None
 
-    def use_client_key(self, key: torch.Tensor) -> None:
+    def use_client_key(self, key: Union[torch.Tensor, Dict[str, torch.Tensor]]) -> None:
         """Install a client key from :meth:`client_key` (of the defense a model was trained behind)."""
         raise ValueError(f"defense {self.name!r} has no client key")
 
@@ -276,8 +287,10 @@ class MaskDefense(Defense):
     def __init__(self, own: Dict[str, Any], seed: SeedLike = None, **mask_kwargs):
         super().__init__(**own)  # the defense's own constructor arguments, for create_defense(**config)
         self.mask = HybridMask(seed=seed, **mask_kwargs)
-        # a fresh draw per release: per-sample shuffles, one of R keys per sample (keys:R), or MixUp
-        self.stochastic = self.mask.ppfrfd.shuffle not in ("key", "none") or self.mixes
+        # a fresh draw per release: per-sample shuffles or subsets, one of R keys (keys:R) or R subsets, or MixUp
+        p = self.mask.ppfrfd
+        self.stochastic = p.shuffle not in ("key", "none") or self.mixes or (p.subset is not None
+                                                                            and p.subset_keys != 1)
 
     @property
     def in_channels(self) -> int:
@@ -295,19 +308,20 @@ class MaskDefense(Defense):
         return Structure(transform="bdct", bdct=m.bdct, kept=tuple(m.kept), shuffle=m.ppfrfd.shuffle,
                          channel_mix=m.ppfrfd.mix, k=self.max_k if isinstance(m.mixup.k, int) or not self.mixes
                          else None, k_values=(self.max_k,), mix_order=m.order if self.mixes else None,
-                         weight_granularity=m.mixup.granularity)
+                         weight_granularity=m.mixup.granularity, subset=m.ppfrfd.subset,
+                         subset_keys=m.ppfrfd.subset_keys)
 
     def draw(self, images, k=None):
         """Per-face secrets, and a MixUp unless every face is released alone (``k=1``: the query, or the
         per-face half the trainer encodes before its policy picks k)."""
         self._check_k(k)
         if not self.mixes or (k is not None and bool((torch.as_tensor(k) == 1).all())):
-            return Draw(perm=self.mask.ppfrfd.permutations(images.shape[0]))
+            return self.mask.face_draw(images.shape[0])
         return self.mask.draw(images, k)
 
     def apply(self, images, draw):
         if draw.mix is None:
-            return self.mask.encode(images, draw.perm), None
+            return self.mask.encode(images, draw.perm, draw.subset), None
         return self.mask.apply(images, draw)
 
     def encode(self, images, draw):
@@ -329,13 +343,12 @@ class MaskDefense(Defense):
         if state is not None:
             self.mask.load_secret_state(state)
 
-    def client_key(self) -> Optional[torch.Tensor]:
-        keys = self.mask.ppfrfd.keys
-        return None if keys is None else keys.clone()
+    def client_key(self):
+        return self.mask.ppfrfd.client_key()
 
-    def use_client_key(self, key: torch.Tensor) -> None:
+    def use_client_key(self, key) -> None:
         try:
-            self.mask.ppfrfd.set_keys(key)
+            self.mask.ppfrfd.set_client_key(key)
         except ValueError as e:
             raise ValueError(f"defense {self.name!r}: {e}") from None
 
@@ -352,12 +365,15 @@ class FrequencyOnly(MaskDefense):
 @register_defense("ppfrfd")
 class PPFRFDDefense(MaskDefense):
     """PPFR-FD: DC dropped, a secret channel shuffle (per query, or one client key), then the public
-    neighbour mix (invertible: it adds no secrecy, see docs/threat_model.md), no MixUp."""
+    neighbour mix (invertible: it adds no secrecy, see docs/threat_model.md), no MixUp.
+    Issue-14 candidates: ``mix="orthogonal"`` (a secret dense orthogonal mix, a client key) and
+    ``subset=m`` (each face keeps a secret m of the kept channels; ``subset_keys=R``: one of R fixed
+    subsets), see docs/defenses.md."""
     name = "ppfrfd"
 
     def __init__(self, u: int = 1, drop="dc", shuffle: str = "sample", mix: Optional[str] = None,
-                 seed: SeedLike = None):
-        own = dict(u=u, drop=drop, shuffle=shuffle, mix=default_mix(shuffle, mix))
+                 subset: Optional[int] = None, subset_keys: Optional[int] = None, seed: SeedLike = None):
+        own = dict(u=u, drop=drop, shuffle=shuffle, mix=default_mix(shuffle, mix), **subset_config(subset, subset_keys))
         super().__init__(own, seed=seed, **own, k=1)
 
 
@@ -369,11 +385,12 @@ class FixedKMixUp(MaskDefense):
 
     def __init__(self, k: int = 4, u: int = 1, drop="dc", shuffle: str = "sample", mix: Optional[str] = None,
                  weights: str = "instahide", max_weight: float = 0.65, granularity: str = "image",
-                 order: str = "mask_mix", seed: SeedLike = None):
+                 order: str = "mask_mix", subset: Optional[int] = None, subset_keys: Optional[int] = None,
+                 seed: SeedLike = None):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
         own = dict(k=k, u=u, drop=drop, shuffle=shuffle, mix=default_mix(shuffle, mix), weights=weights, max_weight=max_weight,
-                   granularity=granularity, order=order)
+                   granularity=granularity, order=order, **subset_config(subset, subset_keys))
         super().__init__(own, seed=seed, **own)
 
 

@@ -15,8 +15,9 @@ adaptive defense with that policy. Nothing secret is read from any of them: ever
 draws fresh secrets (``seed=None``: secure OS seed). A checkpoint that records no defense raises
 :class:`DefenseNotRecordedError`: a checkpoint never silently means "no defense".
 
-**Client keys.** A defense with a client key (PPFR-FD's ``shuffle="key"`` / ``"keys:R"``) needs the
-same key at query time as in training. The key lives in its own file, written by
+**Client keys.** A defense with a client key (PPFR-FD's ``shuffle="key"`` / ``"keys:R"``, ``mix="orthogonal"``,
+``subset_keys=R``) needs the same key at query time as in training. A key is the ``(R, C)`` permutation
+tensor alone, or a dict of its parts (``perm``, ``orthogonal``, ``subsets``) when it has others. The key lives in its own file, written by
 :func:`save_client_key` (mode 0600: as secret as the key); a checkpoint records only its SHA-256
 ``key_fingerprint``. ``load_defense(model.pt, key=PATH)`` installs the key and refuses another key
 (:class:`ClientKeyMismatchError`); without ``key=`` a keyed model's defense draws a fresh key and
@@ -67,10 +68,43 @@ def defense_record(defense: Defense) -> Dict[str, Any]:
 
 
 # ---- client keys -----------------------------------------------------------------------------------
-def key_fingerprint(keys: torch.Tensor) -> str:
-    """SHA-256 (hex) of a client key's bytes (as int64, C order): safe to store beside a model."""
+def key_fingerprint(keys) -> str:
+    """SHA-256 (hex) of a client key's bytes: safe to store beside a model. A tensor key (permutations):
+    its bytes as int64, C order (the original fingerprint). A dict key: for each part in name order, a
+    ``name:dtype:shape`` line and its bytes (integers as int64, floats as float64)."""
+    if isinstance(keys, Mapping):
+        h = hashlib.sha256()
+        for name in sorted(keys):
+            t = torch.as_tensor(keys[name]).detach().to("cpu")
+            t = t.to(torch.float64 if t.is_floating_point() else torch.int64).contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+            h.update(t.numpy().tobytes())
+        return h.hexdigest()
     keys = torch.as_tensor(keys).detach().to("cpu", torch.int64).contiguous()
     return hashlib.sha256(keys.numpy().tobytes()).hexdigest()
+
+
+def _copy_key(keys):
+    if isinstance(keys, Mapping):
+        return {str(k): v.detach().cpu().clone() for k, v in keys.items()}
+    return keys.detach().cpu().clone()
+
+
+def _check_key(keys, path) -> None:
+    """A key file's ``keys``: an (R, C) integer tensor, or a dict of known parts of the right kinds."""
+    if isinstance(keys, Mapping):
+        from ..freq.ppfrfd import KEY_PARTS
+        unknown = sorted(set(keys) - set(KEY_PARTS))
+        if not keys or unknown:
+            raise ValueError(f"{path}: 'keys' must hold parts of {KEY_PARTS}, got {sorted(keys)}")
+        for name, t in keys.items():
+            want_float = name == "orthogonal"
+            if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.dtype.is_floating_point != want_float:
+                raise ValueError(f"{path}: client key part {name!r} must be a 2-D "
+                                 f"{'float' if want_float else 'integer'} tensor")
+        return
+    if not isinstance(keys, torch.Tensor) or keys.dim() != 2 or keys.dtype.is_floating_point:
+        raise ValueError(f"{path}: 'keys' must be an (R, C) integer tensor (or a dict of key parts)")
 
 
 def save_client_key(path: PathLike, defense: Defense) -> str:
@@ -80,22 +114,27 @@ def save_client_key(path: PathLike, defense: Defense) -> str:
     if keys is None:
         raise ValueError(f"defense {defense.name!r} has no client key to save")
     fp = key_fingerprint(keys)
-    atomic_save({"format": CLIENT_KEY_FORMAT, "format_version": 1, "keys": keys.detach().cpu().clone(),
+    # version 1: the permutation tensor alone (readable by older hybridmask); 2: a dict of key parts
+    version = 2 if isinstance(keys, Mapping) else 1
+    atomic_save({"format": CLIENT_KEY_FORMAT, "format_version": version, "keys": _copy_key(keys),
                  "fingerprint": fp, "defense": _plain(defense.config)}, path, private=True)
     return fp
 
 
 def load_client_key(path: PathLike) -> Dict[str, Any]:
-    """A client key file -> ``{"keys": tensor, "fingerprint": str, "defense": config}`` (checked)."""
+    """A client key file -> ``{"keys": tensor or dict of parts, "fingerprint": str, "defense": config}``
+    (checked)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"client key file not found: {path}")
     blob = safe_torch_load(path)
     if not isinstance(blob, Mapping) or blob.get("format") != CLIENT_KEY_FORMAT:
         raise ValueError(f"{path} is not a hybridmask client key file (format {CLIENT_KEY_FORMAT!r})")
+    version = blob.get("format_version", 1)
+    if not isinstance(version, int) or version > 2:
+        raise ValueError(f"{path}: client key format version {version!r} is not supported")
     keys = blob.get("keys")
-    if not isinstance(keys, torch.Tensor) or keys.dim() != 2 or keys.dtype.is_floating_point:
-        raise ValueError(f"{path}: 'keys' must be an (R, C) integer tensor")
+    _check_key(keys, path)
     fp = key_fingerprint(keys)
     if blob.get("fingerprint") != fp:
         raise ValueError(f"{path}: the key does not match its recorded fingerprint (the file is corrupted)")
