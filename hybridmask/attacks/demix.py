@@ -144,7 +144,7 @@ class DemixAttack(Attack):
     def _lstsq_possible(self) -> bool:
         st = self.structure
         return (self.params["mode"] == "whitebox" and st.transform == "bdct" and st.noise == "none"
-                and st.shuffle == "none")
+                and st.shuffle == "none" and st.channel_mix in ("neighbour", "none"))
 
     # ---- observe ---------------------------------------------------------------------------------
     def observe(self, defense, victim_images) -> Dict[str, torch.Tensor]:

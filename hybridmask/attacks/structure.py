@@ -57,6 +57,9 @@ class StructureAttack(BDCTReconstruction):
         st = defense.structure()
         if st.transform != "bdct":
             return f"needs a block-DCT release (the defense's transform is {st.transform!r})"
+        if st.channel_mix not in ("neighbour", "none"):
+            return (f"inverts only a public channel mix (neighbour or none); the defense's channel mix "
+                    f"{st.channel_mix!r} is secret (a client key), so its exact inverse is unknown to the attacker")
         return None
 
     def __init__(self, **params):
