@@ -322,7 +322,7 @@ class LagrangianReward:
             "utility_last": self.utility_last, "utility_ema": self.utility_ema,
             "multiplier_updates": self.multiplier_updates, "last": dict(self._last),
             "attacker_weight": self.attacker_weight, "a": [self.a_mean, self.a_var, self.a_count],
-            "last_attack": dict(self._last_attack),
+            "last_attack": {k: None if v != v else v for k, v in self._last_attack.items()},   # NaN -> None
             "attacker": None if self.attacker is None else self.attacker.state_dict(),
         }
 
@@ -351,7 +351,7 @@ class LagrangianReward:
             a = state.get("a", [0.0, 0.0, 0])
             self.a_mean, self.a_var, self.a_count = float(a[0]), float(a[1]), int(a[2])
             if "last_attack" in state:
-                self._last_attack = {k: float(v) for k, v in state["last_attack"].items()}
+                self._last_attack = {k: float("nan") if v is None else float(v) for k, v in state["last_attack"].items()}
             att = state.get("attacker")
             if (att is None) != (self.attacker is None):
                 raise HybridMaskInputError(
