@@ -24,6 +24,8 @@ SUBCOMMANDS = {
     "make-bin": ("hybridmask.data.make_bin", "build an insightface-style .bin verification file"),
     "attack": ("hybridmask.attacks.cli", "run model-inversion attacks against a defense"),
     "benchmark": ("hybridmask.benchmark", "privacy-utility benchmark of all defenses"),
+    "frontier": ("hybridmask.benchmark.frontier", "privacy-utility frontier: a sweep of masking configurations "
+                                                  "through the benchmark, Pareto front plotted"),
     "mask": ("hybridmask.freq.cli", "mask a folder of faces and write the zero-filled inverse as PNGs"),
     "policy-demo": ("hybridmask.policy.demo", "collapse demo on the toy game / what the policy context sees on real faces"),
 }

@@ -10,8 +10,11 @@ import torch
 from .config import BUDGETS, load_benchmark
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="configs/benchmark.yaml", help="benchmark config (defenses, attacks, budgets)")
+def add_arguments(p: argparse.ArgumentParser, config: str = "configs/benchmark.yaml",
+                  config_help: str = "benchmark config (defenses, attacks, budgets)") -> None:
+    """The benchmark's options (``config`` / ``config_help``: the default and help of ``--config``, for
+    commands built on the benchmark such as ``hybridmask frontier``)."""
+    p.add_argument("--config", default=config, help=config_help)
     p.add_argument("--budget", default="small", choices=BUDGETS,
                    help="tiny: smoke run; small: CPU (the committed configs); full: GPU (IResNet-50, u=8)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (reuse / train, attacks, estimate) and exit")
