@@ -442,3 +442,4 @@ def test_report_names_defenses_whose_queries_are_identical():
     assert groups == [{"labels": ["PPFR-FD", "MixUp k=2", "MixUp k=4"], "mixing": ["MixUp k=2", "MixUp k=4"],
                        "plain": ["PPFR-FD"]}]
     assert query_groups([row("PPFR-FD", "ppfrfd"), row("PPFR-FD u=2", "freq_mixup", u=2)]) == []
+    assert query_groups([row("PPFR-FD", "ppfrfd"), row("subsets", "freq_mixup", subset=60)]) == []
