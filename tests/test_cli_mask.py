@@ -30,3 +30,14 @@ def test_mask_command_writes_views_and_reports_bad_images(tmp_path, capsys):
     assert "cannot read image" in err and "broken.jpg" in err
     assert not (tmp_path / "out2" / "alice" / "broken.png").exists()
     assert main(["mask", str(tmp_path / "missing"), str(tmp_path / "o")]) == 1
+
+
+def test_mask_command_takes_the_issue14_maskings(tmp_path, capsys):
+    src = tmp_path / "src" / "bob"
+    src.mkdir(parents=True)
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (112, 112, 3), dtype=np.uint8)).save(src / "0.jpg")
+    assert main(["mask", str(tmp_path / "src"), str(tmp_path / "o1"), "--mix", "orthogonal", "--shuffle", "key",
+                 "--subset", "60", "--seed", "0"]) == 0
+    assert (tmp_path / "o1" / "bob" / "0.png").is_file()
+    assert main(["mask", str(tmp_path / "src"), str(tmp_path / "o2"), "--subset", "0"]) == 1
+    assert "subset" in capsys.readouterr().err

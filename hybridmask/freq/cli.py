@@ -35,7 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drop", default="dc", help="channels to drop: dc, lowN, none")
     p.add_argument("--shuffle", default="sample", type=_shuffle,
                    help="sample (a fresh secret permutation per face) | key (one client key) | keys:R | none")
-    p.add_argument("--mix", default="neighbour", choices=["neighbour", "none"])
+    p.add_argument("--mix", default="neighbour", choices=["neighbour", "orthogonal", "none"],
+                   help="neighbour (public) | orthogonal (a secret keyed orthogonal channel mix) | none")
+    p.add_argument("--subset", type=int, default=None,
+                   help="keep a secret random subset of this many kept channels per face (default: all)")
     p.add_argument("--seed", type=int, default=None, help="seed for tests only; default: secure OS seed")
 
 
@@ -60,7 +63,7 @@ def run(args) -> int:
     files = sorted(f for f in src.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {src}")
-    hm = HybridMask(u=args.u, drop=args.drop, shuffle=args.shuffle, mix=args.mix, seed=args.seed)
+    hm = HybridMask(u=args.u, drop=args.drop, shuffle=args.shuffle, mix=args.mix, subset=args.subset, seed=args.seed)
     check_writable_dir(dst, "output folder")
     from tqdm import tqdm
     for f in tqdm(files, desc="masking", unit="img"):
