@@ -443,3 +443,27 @@ def test_report_names_defenses_whose_queries_are_identical():
                        "plain": ["PPFR-FD"]}]
     assert query_groups([row("PPFR-FD", "ppfrfd"), row("PPFR-FD u=2", "freq_mixup", u=2)]) == []
     assert query_groups([row("PPFR-FD", "ppfrfd"), row("subsets", "freq_mixup", subset=60)]) == []
+
+
+def test_keys_added_with_a_neutral_default_do_not_invalidate_finished_runs():
+    """A run recorded before data.copies / model.init / reward.attacker existed is the same run as one configured
+    with their neutral values (benchmark reuse, attack caches, resume); a non-neutral value is another run."""
+    import copy
+
+    from hybridmask.benchmark.runs import config_hash, fingerprint
+    from hybridmask.train.config import NEUTRAL_DEFAULTS, load_config, without_neutral
+    from hybridmask.train.run import config_changes
+    new = load_config(REPO / "configs" / "celeba_ppfrfd.yaml")
+    assert new["data"]["copies"] == 1 and new["model"]["init"] is None        # the schema's defaults are neutral
+    assert new["reward"]["attacker"] == NEUTRAL_DEFAULTS["reward.attacker"]
+    old = copy.deepcopy(new)
+    del old["data"]["copies"], old["model"]["init"], old["reward"]["attacker"]
+    assert config_hash(fingerprint(new, [])) == config_hash(fingerprint(old, []))
+    assert config_changes(without_neutral(old), without_neutral(new)) == []
+    changed = copy.deepcopy(new)
+    changed["data"]["copies"] = 2
+    assert config_hash(fingerprint(changed, [])) != config_hash(fingerprint(old, []))
+    changed = copy.deepcopy(new)
+    changed["reward"]["attacker"]["weight"] = 0.5
+    assert config_hash(fingerprint(changed, [])) != config_hash(fingerprint(old, []))
+    assert set(NEUTRAL_DEFAULTS) == {"data.copies", "model.init", "reward.attacker"}

@@ -56,8 +56,10 @@ def set_dotted(d: Dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def fingerprint(cfg: Dict[str, Any], volatile: List[str]) -> Dict[str, Any]:
-    """The config a run's numbers depend on: JSON-normalised, ``_source_`` and ``volatile`` keys removed."""
-    plain = jsonable({k: v for k, v in cfg.items() if k != "_source_"})
+    """The config a run's numbers depend on: JSON-normalised, ``_source_``, ``volatile`` keys and schema keys at
+    their neutral value (:data:`hybridmask.train.config.NEUTRAL_DEFAULTS`) removed."""
+    from ..train.config import without_neutral
+    plain = without_neutral(jsonable({k: v for k, v in cfg.items() if k != "_source_"}))
     for dotted in volatile:
         parts = dotted.split(".")
         node = get_dotted(plain, ".".join(parts[:-1])) if len(parts) > 1 else plain

@@ -51,6 +51,32 @@ RANGES = {"run.threads": (1, None), "data.batch_size": (1, None), "data.min_imag
           "teacher.weight": (0.0, None), "eval.pairs": (1, None), "eval.every": (0, None), "eval.final_pairs": (1, None), "eval.batch_size": (1, 128)}
 
 
+#: keys added to the schema after runs were recorded, with the value that reproduces what a run did before the
+#: key existed. A recorded config that lacks such a key and a new config holding this value describe the same
+#: run: :func:`without_neutral` drops them before configs are compared or fingerprinted (benchmark reuse,
+#: attack caches, resume checks), so adding a key with a neutral default never invalidates finished runs.
+#: A new key whose default changes what runs compute must not be listed here.
+NEUTRAL_DEFAULTS = {
+    "data.copies": 1,
+    "model.init": None,
+    "reward.attacker": {"name": "none", "weight": 0.0, "width": 32, "size": 28, "lr": 0.001, "steps": 1},
+}
+
+
+def without_neutral(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """A copy of ``cfg`` without the :data:`NEUTRAL_DEFAULTS` keys that hold their neutral value."""
+    import copy
+    out = copy.deepcopy(cfg)
+    for dotted, neutral in NEUTRAL_DEFAULTS.items():
+        *parents, last = dotted.split(".")
+        node = out
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict) and last in node and node[last] == neutral:
+            del node[last]
+    return out
+
+
 class ConfigKeyError(KeyError):
     """An unknown config key (a ``KeyError`` whose message prints without quotes)."""
 

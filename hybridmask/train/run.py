@@ -24,7 +24,7 @@ import torch
 
 from ..utils import FolderLock, atomic_write, read_yaml_mapping, remove_stale_temporaries, resolve_device
 from . import distributed as D
-from .config import dump_config
+from .config import dump_config, without_neutral
 
 
 def make_optimizer(params, cfg: Dict[str, Any]) -> torch.optim.Optimizer:
@@ -195,7 +195,8 @@ def _train_in(out: Path, out_root: Path, name: str, cfg: Dict[str, Any], t_start
         remove_stale_temporaries(out, older_than=None, recursive=True)   # leftovers of a killed write
         plain = {k: v for k, v in cfg.items() if k != "_source_"}
         if ckpt is not None and (out / "config.yaml").is_file():
-            changes = config_changes(read_yaml_mapping(out / "config.yaml", "run config"), plain)
+            changes = config_changes(without_neutral(read_yaml_mapping(out / "config.yaml", "run config")),
+                                     without_neutral(plain))
             if changes and not run_cfg.get("allow_config_change"):
                 raise ValueError(f"{out}: resuming a run trained with another config ({'; '.join(changes)}); "
                                  f"use another run.name, run.resume=null to start afresh, or "
