@@ -12,6 +12,7 @@ Registered attacks: ``structure`` (exact algebra, channel assignment, DC recover
 from .base import (ATTACKS, Attack, Param, create_attack, describe_attack, list_attacks, register_attack)
 from . import cgan, demix, embedding, gmi, separation, structure  # noqa: F401  (registers)
 from . import linkage  # noqa: F401  (registers the linkage attack)
+from . import gram  # noqa: F401  (registers the key-invariant Gram attack)
 from .cgan import CGANAttack
 from .demix import DemixAttack
 from .embedding import EmbeddingInversion

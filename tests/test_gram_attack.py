@@ -1,0 +1,163 @@
+"""The key-invariant Gram attack (issue 14): its features do not depend on the secrets (channel permutation,
+orthogonal key), equal the unmasked face's after the public unmix / whitening of the neighbour mix, its
+parameters and applicability are checked, and a tiny fit/attack round runs (tiny synthetic tensors)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hybridmask.attacks import create_attack, list_attacks
+from hybridmask.attacks.gram import GramAttack, feature_names, gram_features, offsets, public_planes
+from hybridmask.defenses import create_defense
+from hybridmask.freq import Draw
+from hybridmask.freq.ppfrfd import haar_orthogonal
+
+
+def smooth_faces(n: int, seed: int = 0) -> torch.Tensor:
+    """Random low-frequency 112x112 pictures in [-1, 1]: BDCT energy falls with frequency as in faces, so
+    the Gram's leading eigenvalues are well separated (stable principal planes)."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(n, 3, 7, 7, generator=g)
+    fine = torch.randn(n, 3, 28, 28, generator=g)
+    up = lambda t: torch.nn.functional.interpolate(t, size=(112, 112), mode="bicubic", align_corners=False)
+    return torch.tanh(0.6 * up(coarse) + 0.15 * up(fine))
+
+
+def features_of(defense, x: torch.Tensor, released: torch.Tensor = None, **kw) -> torch.Tensor:
+    st = defense.structure()
+    return gram_features(public_planes(defense.query(x) if released is None else released, st.channel_mix), **kw)
+
+
+def assert_same(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> None:
+    """Equal to ``tol`` relative to each map's scale (the releases are float32)."""
+    scale = b.abs().amax(dim=(0, 2, 3), keepdim=True).clamp_min(1.0)
+    err = float(((a - b).abs() / scale).max())
+    assert err < tol, err
+
+
+def test_registered_and_feature_layout():
+    assert "gram" in list_attacks()
+    assert len(offsets(1)) == 8 and len(offsets(2)) == 24 and (0, 0) not in offsets(2)
+    assert feature_names(1, 3) == ["energy"] + [f"cos{d}" for d in offsets(1)] + ["pc0", "pc1", "pc2"]
+    f = gram_features(torch.randn(2, 5, 6, 6), radius=2, principal=7)   # k = min(7, C=5): zero-padded
+    assert f.shape == (2, 1 + 24 + 7, 6, 6) and torch.all(f[:, -2:] == 0)
+    # energy = sqrt of the Gram's diagonal, cosines = its normalised off-diagonal entries
+    z = torch.randn(1, 4, 3, 3, dtype=torch.float64)
+    zf = z.reshape(4, 9)
+    gram = zf.T @ zf
+    f = gram_features(z, radius=1, principal=0)
+    torch.testing.assert_close(f[0, 0].flatten(), gram.diag().sqrt())
+    k = offsets(1).index((0, 1))                                        # block (1, 1) and its right neighbour (1, 2)
+    assert math.isclose(float(f[0, 1 + k, 1, 1]), float(gram[4, 5] / (gram[4, 4] * gram[5, 5]).sqrt()), rel_tol=1e-12)
+    assert float(f[0, 1 + k, 1, 2]) == 0.0                              # the neighbour leaves the grid
+
+
+def test_exactly_invariant_to_permutation_and_orthogonal_key_float64():
+    g = torch.Generator().manual_seed(3)
+    x = create_defense("ppfrfd", shuffle="none", mix="none").query(smooth_faces(3)).double()
+    c = x.shape[1]
+    q = haar_orthogonal(c, g)
+    perm = torch.rand(3, c, generator=g).argsort(1)
+    y = torch.einsum("ij,bjhw->bihw", q, x[torch.arange(3)[:, None], perm])
+    torch.testing.assert_close(gram_features(y, radius=2, principal=8), gram_features(x, radius=2, principal=8),
+                               rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("kw", [dict(shuffle="key", mix="orthogonal"), dict(shuffle="sample", mix="orthogonal"),
+                                dict(shuffle="keys:3", mix="orthogonal"), dict(shuffle="key", mix="none")])
+def test_two_releases_with_different_secrets_give_the_same_features(kw):
+    x = smooth_faces(4)
+    a, b = create_defense("ppfrfd", seed=1, **kw), create_defense("ppfrfd", seed=2, **kw)
+    ya, yb = a.query(x), b.query(x)
+    assert (ya - yb).abs().max() > 1e-2                                  # the releases do differ
+    fa, fb = features_of(a, x, ya), features_of(b, x, yb)
+    assert_same(fa, fb)
+    plain = create_defense("ppfrfd", shuffle="none", mix="none")          # the unmasked kept coefficients X
+    assert_same(fa, features_of(plain, x))
+
+
+def test_neighbour_mix_equal_after_the_public_whitening():
+    x = smooth_faces(4)
+    d = create_defense("ppfrfd", seed=4)                                  # default: per-face shuffle, neighbour mix
+    assert d.structure().channel_mix == "neighbour"
+    y = d.query(x)
+    plain = features_of(create_defense("ppfrfd", shuffle="none", mix="none"), x)
+    assert_same(features_of(d, x, y), plain)                              # the exact inverse of M
+    # the same through the whitening (M M^T)^(-1/2): Y^T (M M^T)^-1 Y = X^T X
+    c = y.shape[1]
+    m = (torch.eye(c, dtype=torch.float64) + torch.roll(torch.eye(c, dtype=torch.float64), 1, dims=1)) / math.sqrt(2)
+    evals, evecs = torch.linalg.eigh(m @ m.T)
+    white = evecs @ torch.diag(evals.rsqrt()) @ evecs.T
+    yw = torch.einsum("ij,bjhw->bihw", white, y.double())
+    assert_same(gram_features(yw), plain)
+
+
+def test_subset_features_depend_only_on_the_subset():
+    x = smooth_faces(3)
+    a = create_defense("ppfrfd", shuffle="sample", mix="orthogonal", subset=90, seed=5)
+    b = create_defense("ppfrfd", shuffle="sample", mix="orthogonal", subset=90, seed=6)
+    da = a.draw(x, 1)
+    db = Draw(perm=b.draw(x, 1).perm, subset=da.subset)                   # same subsets, other permutations and key
+    fa = features_of(a, x, a.apply(x, da)[0])
+    fb = features_of(b, x, b.apply(x, db)[0])
+    assert_same(fa, fb)
+    # = the features of X with the dropped channels zeroed (what is released), not those of X
+    plain = create_defense("ppfrfd", shuffle="none", mix="none")
+    xs = plain.query(x) * da.subset.float()[:, :, None, None]
+    assert_same(fa, gram_features(public_planes(xs, "none")))
+    assert float((fa - features_of(plain, x)).abs().max()) > 1e-2
+
+
+def test_applicable_and_params():
+    assert GramAttack.applicable(create_defense("none")) is not None       # not a block DCT
+    assert "block-DCT" in GramAttack.applicable(create_defense("instahide"))
+    assert "even" in GramAttack.applicable(create_defense("ppfrfd", drop="none"))   # 192 channels: singular mix
+    for d in (create_defense("ppfrfd"), create_defense("ppfrfd", shuffle="key", mix="orthogonal"),
+              create_defense("ppfrfd", shuffle="key", mix="orthogonal", subset=90), create_defense("dctdp"),
+              create_defense("ppfrfd", u=2, shuffle="key", mix="orthogonal")):
+        assert GramAttack.applicable(d) is None
+    with pytest.raises(ValueError, match="radius"):
+        create_attack("gram", radius=0)
+    with pytest.raises(ValueError, match="principal"):
+        create_attack("gram", principal=-1)
+    with pytest.raises(TypeError, match="epochs"):
+        create_attack("gram", epochs="3")
+    with pytest.raises(TypeError, match="flip"):
+        create_attack("gram", flip=1)
+    with pytest.raises(ValueError, match="mode"):
+        create_attack("gram", mode="blackbox")
+    with pytest.raises(ValueError, match="unknown parameter"):
+        create_attack("gram", key="x")
+    atk = create_attack("gram", epochs=1, progress=False)
+    with pytest.raises(ValueError, match="block-DCT"):
+        atk.fit(create_defense("none"), smooth_faces(4))
+    with pytest.raises(RuntimeError, match="fitted"):
+        atk.invert(torch.zeros(1, 189, 14, 14))
+
+
+def test_tiny_fit_and_attack_round_with_a_fresh_key_per_batch():
+    public, victims = smooth_faces(16, seed=1), smooth_faces(3, seed=2)
+    victim_defense = create_defense("ppfrfd", shuffle="key", mix="orthogonal", subset=120, seed=7)
+    atk = create_attack("gram", n_images=16, epochs=1, width=4, batch_size=8, principal=4, seed=0, progress=False)
+    keys = []
+    own = atk.attacker_defense
+
+    def spy(defense):
+        d = own(defense)
+        keys.append(d.client_key()["orthogonal"])
+        return d
+    atk.attacker_defense = spy
+    atk.fit(victim_defense, public)
+    # begin_fit's instance + one per batch of 8 faces, per view (face and mirror): all different keys
+    assert len(keys) == 1 + 2 * 2
+    assert all(float((keys[i] - keys[j]).abs().max()) > 1e-3 for i in range(len(keys)) for j in range(i))
+    secret = victim_defense.client_key()["orthogonal"]
+    assert all(float((k - secret).abs().max()) > 1e-3 for k in keys)    # never the victim's key
+    recon = atk.attack(victim_defense, victims)
+    assert recon.shape == (3, 3, 112, 112) and torch.isfinite(recon).all()
+    assert float(recon.min()) >= -1 and float(recon.max()) <= 1
+    assert atk.report()["fresh_key"] and atk.report()["grid"] == 14 and len(atk.report()["train_l1"]) == 1
+    with pytest.raises(ValueError, match="expects"):
+        atk.invert(torch.zeros(2, 10, 14, 14))
