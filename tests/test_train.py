@@ -475,6 +475,10 @@ def test_every_shipped_config_loads():
             for budget in ("tiny", "small", "full"):
                 assert load_benchmark(path, budget)
             continue
+        if path.name.startswith("frontier"):    # the frontier sweep's schema (a benchmark + masking variants)
+            from hybridmask.benchmark.frontier import load_sweep
+            assert load_sweep(path, "small")
+            continue
         cfg = load_config(path)
         if cfg.get("method") == "arl":
             continue
