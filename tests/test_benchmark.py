@@ -121,7 +121,7 @@ def test_load_benchmark_names_bad_input(tmp_path):
         B.load_benchmark(write(dict(good, attacks=dict(good["attacks"], headline="linkage"))), "small")
     with pytest.raises(ValueError, match="'gmi' is a class_inversion attack"):
         B.load_benchmark(write(dict(good, attacks=dict(good["attacks"], run={"x": {"attack": "gmi"}},
-                                                      params={}, headline="strongest"))), "small")
+                                                      params={}, headline="strongest"))), "tiny")
     with pytest.raises(ValueError, match="unknown key.*'step'.*linkage"):
         bad = dict(runs, linkage=dict(runs["linkage"], step=3))
         B.load_benchmark(write(dict(good, attacks=dict(good["attacks"], run=bad))), "small")
@@ -467,3 +467,20 @@ def test_keys_added_with_a_neutral_default_do_not_invalidate_finished_runs():
     changed["reward"]["attacker"]["weight"] = 0.5
     assert config_hash(fingerprint(changed, [])) != config_hash(fingerprint(old, []))
     assert set(NEUTRAL_DEFAULTS) == {"data.copies", "model.init", "reward.attacker"}
+
+
+def test_a_budget_can_leave_attacks_out(tmp_path):
+    from hybridmask.benchmark import load_benchmark
+    b = load_benchmark(REPO / "configs" / "benchmark.yaml", "small")
+    assert "cgan_blackbox" not in b["attacks"]["run"] and "embedding_inversion" not in b["attacks"]["run"]
+    assert "embedding_inversion" not in b["attacks"]["params"] and "cgan" in b["attacks"]["params"]
+    full = load_benchmark(REPO / "configs" / "benchmark.yaml", "full")
+    assert {"cgan_blackbox", "embedding_inversion"} <= set(full["attacks"]["run"])
+    import yaml
+    raw = yaml.safe_load((REPO / "configs" / "benchmark.yaml").read_text())
+    raw["budgets"]["small"]["attacks"] = {"run": {"no_such_attack": None}}
+    bad = tmp_path / "benchmark.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    for name in ("celeba_pixel.yaml",):
+        (tmp_path / name).write_text((REPO / "configs" / name).read_text())
+    assert load_benchmark(bad, "small")["attacks"].get("left_out") is None     # nothing to leave out

@@ -22,7 +22,7 @@ TOP_KEYS = {"seed", "data_root", "methods", "defenses", "attacks", "targets", "b
 BUDGET_KEYS = {"runs_dir", "work_dir", "markdown", "figures_dir", "overrides", "verify", "attacks", "estimate"}
 DEFENSE_KEYS = {"key", "label", "config", "role", "overrides", "note", "literature"}
 METHOD_KEYS = {"seed", "name", "out_dir", "run_dir", "progress", "data", "defense", "volatile"}
-ATTACK_KEYS = {"victims", "n_victims", "n_distractors", "n_public", "defense_seed", "device", "headline", "run",
+ATTACK_KEYS = {"victims", "n_victims", "n_distractors", "n_public", "defense_seed", "device", "headline", "run", "left_out",
                "params"}
 RUN_KEYS = {"attack", "requires", "text"}       # besides the attack's own parameters
 TARGET_KEYS = {"title", "subject", "checks"}
@@ -63,6 +63,26 @@ def check_methods(path: Path, methods: Mapping[str, Any]) -> Dict[str, Dict[str,
             _fail(path, f"methods.{name}.defense must be the dotted key of the defense section or a defense config")
         out[str(name).lower()] = {**dict(m), "data": dict(m.get("data") or {}), "volatile": list(m.get("volatile") or [])}
     return out
+
+
+def budget_attacks(path: Path, budget: str, base: Mapping[str, Any], own: Mapping[str, Any]) -> Dict[str, Any]:
+    """The attacks section a budget runs: its own ``attacks`` merged over the top-level one, where
+    ``run.<label>: null`` leaves that attack out (and its shared ``params`` when no other label uses them); a
+    null for a label the top level does not run is ignored."""
+    base_run = dict(base.get("run") or {}) if isinstance(base.get("run"), Mapping) else {}
+    own_run = own.get("run") if isinstance(own.get("run"), Mapping) else {}
+    out = deep_merge(dict(base), dict(own))
+    left_out = [lb for lb, v in own_run.items() if v is None and lb in base_run]   # a label not run: nothing to drop
+    if isinstance(out.get("run"), Mapping):
+        out["run"] = {lb: v for lb, v in out["run"].items() if not (v is None and lb in own_run)}
+    if not left_out:
+        return out
+    out["left_out"] = sorted(left_out)
+    run = dict(out["run"])
+    used = {str(v.get("attack")) for v in run.values() if isinstance(v, Mapping)}
+    gone = {str(base_run[lb].get("attack")) for lb in left_out if isinstance(base_run[lb], Mapping)} - used
+    params = {k: v for k, v in (out.get("params") or {}).items() if k not in gone}
+    return dict(out, run=run, params=params)
 
 
 def check_attacks(path: Path, attacks: Mapping[str, Any]) -> Dict[str, Any]:
@@ -165,7 +185,7 @@ def load_benchmark(path: os.PathLike, budget: str) -> Dict[str, Any]:
     if bad:
         _fail(path, f"budgets.{budget}.overrides takes a training method or an input kind "
                     f"({', '.join(groups)}), got {bad}")
-    attacks = check_attacks(path, deep_merge(raw.get("attacks") or {}, b.get("attacks") or {}))
+    attacks = check_attacks(path, budget_attacks(path, budget, raw.get("attacks") or {}, b.get("attacks") or {}))
     return {"path": str(path), "dir": str(path.parent), "budget": budget, "seed": int(raw.get("seed") or 0),
             "data_root": raw.get("data_root"), "methods": methods, "defenses": check_defenses(path, raw.get("defenses")),
             "attacks": attacks, "targets": check_targets(path, raw.get("targets")),

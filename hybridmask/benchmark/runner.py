@@ -68,6 +68,7 @@ class Benchmark:
                 "attacks": {s.label: {"attack": s.attack, "kind": s.kind, "params": jsonable(s.params),
                                       "requires": s.requires} for s in self.specs},
                 "text": {s.label: s.text for s in self.specs},
+                "left_out": list(at.get("left_out") or []),
                 "defense_seed": self.defense_seed, "seed": self.seed, "judge": "sface",
                 "data_root": str(self.data_root), "device": str(at.get("device") or "cpu")}
 
@@ -142,7 +143,7 @@ class Benchmark:
                   f"{'  (cached)' if cached else (f'  (attacks ~{fmt_minutes(s)})' if est else '')}")
             n_verify += not self.verified(e)
         if est:
-            print(f"  per attack and defense (budget estimate): "
+            print("  per attack and defense (budget estimate): "
                   + ", ".join(f"{a} ~{fmt_minutes(float(per_attack[a]))}" for a in display_order(self.specs, self.headline)
                               if a in per_attack)
                   + (f"; over the {ATTACK_LIMIT_SECONDS / 60:.0f}-minute limit: {', '.join(sorted(slow))}" if slow
