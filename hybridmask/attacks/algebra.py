@@ -32,14 +32,16 @@ def neighbour_mix(z: torch.Tensor) -> torch.Tensor:
 
 
 def unmix_neighbour(y: torch.Tensor) -> torch.Tensor:
-    """Exact inverse of :func:`neighbour_mix` along dim 1 (odd channel count), in float64 inside."""
+    """Inverse of :func:`neighbour_mix` along dim 1, in float64 inside: exact for an odd channel count. For an
+    even count the mix is singular - it erases the alternating component ``sum_c (-1)^c z_c`` (one of C
+    dimensions) - and this returns the minimum-norm solution: everything else exactly, that component as 0."""
     c = y.shape[1]
-    if c % 2 == 0:
-        raise ValueError(f"the neighbour mix of an even number of channels ({c}) is singular and cannot be inverted")
     w = torch.exp(2j * math.pi * torch.arange(c, dtype=torch.float64) / c)
     eig = (1 + w) / math.sqrt(2.0)
+    inv = torch.where(eig.abs() > 1e-9, 1.0 / torch.where(eig.abs() > 1e-9, eig, torch.ones_like(eig)),
+                      torch.zeros_like(eig))          # pseudo-inverse: the zero eigenvalue (c even) maps to 0
     shape = (1, c) + (1,) * (y.dim() - 2)
-    z = torch.fft.ifft(torch.fft.fft(y.double(), dim=1) / eig.view(shape), dim=1).real
+    z = torch.fft.ifft(torch.fft.fft(y.double(), dim=1) * inv.view(shape), dim=1).real
     return z.to(y.dtype)
 
 
