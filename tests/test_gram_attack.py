@@ -161,3 +161,26 @@ def test_tiny_fit_and_attack_round_with_a_fresh_key_per_batch():
     assert atk.report()["fresh_key"] and atk.report()["grid"] == 14 and len(atk.report()["train_l1"]) == 1
     with pytest.raises(ValueError, match="expects"):
         atk.invert(torch.zeros(2, 10, 14, 14))
+
+
+def test_procrustes_recovers_the_release_given_the_true_face():
+    """``R = polar(X_pred Z^T)`` with ``Z = K X``: for ``X_pred = X`` it is ``K^T`` (``X X^T`` is positive definite),
+    so ``R Z = X``: the orthogonal key is undone exactly; the dropped DC then comes back from edge continuity."""
+    public, victims = smooth_faces(12, seed=1), smooth_faces(3, seed=2)
+    d = create_defense("ppfrfd", shuffle="sample", mix="orthogonal", seed=8)
+    atk = create_attack("gram", n_images=12, epochs=1, width=4, batch_size=6, principal=2, seed=0, progress=False,
+                        project="procrustes")
+    atk.fit(d, public)
+    q = d.query(victims)
+    back = atk.procrustes(q, victims)
+    assert float((back - victims).abs().mean()) < 0.02
+    # the kept AC coefficients are those of the victims to float precision
+    st = d.structure()
+    kept = list(st.kept)
+    torch.testing.assert_close(st.bdct(back)[:, kept], st.bdct(victims)[:, kept], rtol=0, atol=2e-3)
+    off = atk.procrustes(q, victims.flip(0))                           # another face's prediction: far from it
+    assert float((off - victims).abs().mean()) > float((back - victims).abs().mean()) + 0.02
+    recon = atk.invert(q)                                             # project="procrustes" in the attack itself
+    assert recon.shape == (3, 3, 112, 112) and float(recon.abs().max()) <= 1
+    with pytest.raises(ValueError, match="project"):
+        create_attack("gram", project="exact")

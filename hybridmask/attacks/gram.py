@@ -37,7 +37,16 @@ Decoder: :class:`~.nets.UNetGenerator` from the standardised ``(F, g, g)`` featu
 L1 loss, trained on the attacker's own public faces released by its own defense instance; with a
 client key (``shuffle="key"``/``"keys:R"``, ``mix="orthogonal"``, ``subset_keys``) every batch of
 training faces is released under a freshly drawn key (``fresh_key``), so the decoder cannot learn one
-key. No step uses the judge (SFace) or any face recognizer.
+key.
+
+Key estimate (``project="procrustes"``, the default): the decoder's face is only a prediction ``X_pred``
+(its BDCT at the kept channels). The release ``Z = K X`` (``K`` = the unknown orthogonal key times the
+permutation) is turned back by the orthogonal ``R = polar(X_pred Z^T)`` that maps it closest to the
+prediction (orthogonal Procrustes, one C x C SVD per face). For ``X_pred = X``, ``R = K^T`` exactly
+(``X X^T`` is positive definite); for a rough prediction ``R Z`` still has exactly the released Gram
+(the released coefficients, rotated), so the face's own detail comes from the release, not the decoder.
+The dropped block means are then solved from edge continuity (:func:`.algebra.fill_dc`) with a weak
+pull (``dc_weight``) towards the decoder's. No step uses the judge (SFace) or any face recognizer.
 """
 from __future__ import annotations
 
@@ -119,7 +128,7 @@ def has_client_key(structure) -> bool:
 
 @register_attack("gram")
 class GramAttack(Attack):
-    """Key-invariant Gram features (block energy, neighbour cosines, principal planes) -> U-Net decoder."""
+    """Key-invariant Gram features -> U-Net decoder -> per-face orthogonal Procrustes key estimate."""
 
     name = "gram"
     PARAMS = (
@@ -140,6 +149,12 @@ class GramAttack(Attack):
         Param("width", int, 32, range=(4, 256), doc="base width of the decoder U-Net"),
         Param("batch_size", int, 32, range=(2, 4096), doc="mini-batch size"),
         Param("lr", float, 2e-3, range=(1e-7, 1.0), doc="Adam learning rate (cosine schedule)"),
+        Param("project", str, "procrustes", choices=("none", "procrustes"),
+              doc="none: the decoder's face; procrustes: estimate each face's key as the orthogonal map that best "
+                  "aligns its release with the decoder's prediction, and output the release so aligned (its AC "
+                  "exactly as released, DC solved)"),
+        Param("dc_weight", float, 0.1, range=(0.0, None),
+              doc="procrustes: pull of the solved block means towards the decoder's (0: only edge continuity)"),
     )
 
     @classmethod
@@ -247,9 +262,38 @@ class GramAttack(Attack):
         if not isinstance(q, torch.Tensor) or q.dim() != 4 or q.shape[1] != c:
             raise ValueError(f"attack 'gram' expects (B, {c}, g, g) queries, got "
                              f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
-        feats = self._standardise(self.features(q))
+        return self.reconstruct(q, self.params["project"])
+
+    def reconstruct(self, queries: torch.Tensor, project: str = "none") -> torch.Tensor:
+        """The decoder's faces from ``queries``; ``project="procrustes"``: then aligned to the release (see
+        :meth:`procrustes`). One fit serves both (the probe reports them side by side)."""
+        self._require_fitted()
+        feats = self._standardise(self.features(queries))
         with torch.no_grad():
-            return batched(lambda f: self.decoder(f.to(self.device)), feats).cpu().clamp(-1, 1)
+            pred = batched(lambda f: self.decoder(f.to(self.device)), feats).cpu().clamp(-1, 1)
+        return pred if project == "none" else self.procrustes(queries, pred)
+
+    def procrustes(self, released: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """Each release ``Z`` (after the public unmix; ``Z = K X`` with ``K`` the unknown orthogonal key, or
+        ``K D X`` with a subset) turned back by the orthogonal ``R = polar(X_pred Z^T)`` that maps it closest
+        to the prediction ``X_pred`` (the BDCT of the decoder's face at the kept channels): the orthogonal
+        Procrustes estimate of ``K^T``. ``R Z`` has exactly the released Gram; the dropped block means are
+        solved from its AC (edge continuity) with a ``dc_weight`` pull towards the prediction's."""
+        st, kept = self.structure, list(self.structure.kept)
+        with torch.no_grad():
+            z = public_planes(released, st.channel_mix)
+            b, c, h, w = z.shape
+            full = st.bdct(pred.to(torch.float32)).double()
+            xp, zz = full[:, kept].reshape(b, c, -1), z.reshape(b, c, -1)
+            u, _, vh = torch.linalg.svd(xp @ zz.transpose(1, 2))
+            full[:, kept] = (u @ vh @ zz).view(b, c, h, w)
+            dc = list(algebra.DC_CHANNELS)
+            if any(ch not in kept for ch in dc):
+                solved = algebra.fill_dc(full, full[:, dc], prior_weight=self.params["dc_weight"])
+                for ch in dc:
+                    if ch not in kept:
+                        full[:, ch] = solved[:, ch]
+            return algebra.to_face(full.float(), st.bdct)
 
     def report(self) -> Dict[str, Any]:
         return dict(self.info)
