@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from hybridmask.attacks import create_attack, list_attacks
-from hybridmask.attacks.gram import GramAttack, feature_names, gram_features, offsets, public_planes
+from hybridmask.attacks.gram import (GramAttack, estimate_rotation, feature_names, gram_features, offsets,
+                                     public_planes, shared_rotation, subset_rows)
 from hybridmask.defenses import create_defense
 from hybridmask.freq import Draw
 from hybridmask.freq.ppfrfd import haar_orthogonal
@@ -184,3 +185,110 @@ def test_procrustes_recovers_the_release_given_the_true_face():
     assert recon.shape == (3, 3, 112, 112) and float(recon.abs().max()) <= 1
     with pytest.raises(ValueError, match="project"):
         create_attack("gram", project="exact")
+
+
+# ---- the pooled client key --------------------------------------------------------------------------------
+def keyed_planes(b: int = 40, c: int = 12, n: int = 30, m: int = None, seed: int = 0):
+    """Tiny synthetic ``(B, C, N)`` coefficients with energy falling over the channels, a Haar key ``K`` and the
+    releases ``Z = K D X`` (``D``: a random ``m`` of the C channels per face when ``m`` is given)."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.linspace(3, 0.3, c, dtype=torch.float64)
+    x = torch.randn(b, c, n, generator=g, dtype=torch.float64) * scale[:, None]
+    k = haar_orthogonal(c, g)
+    d = None
+    if m is not None:
+        d = torch.zeros(b, c, dtype=torch.bool).scatter_(1, torch.rand(b, c, generator=g).argsort(1)[:, :m], True)
+    z = k @ (x if d is None else x * d[..., None])
+    return x, k, z, d, scale.pow(2) * n, g
+
+
+def key_error(r: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.matrix_norm(r - k.T)
+
+
+def test_pooled_rotation_is_the_key_for_true_predictions():
+    x, k, z, _, _, _ = keyed_planes()
+    r = estimate_rotation(x, z, pooled=True)
+    assert r.shape == (12, 12) and float(key_error(r, k)) < 1e-6
+    per = estimate_rotation(x, z)                                      # per face: exact as well (N >= C)
+    assert per.shape == (40, 12, 12) and float(key_error(per, k).max()) < 1e-6
+
+
+def test_pooled_rotation_beats_the_per_face_estimates_from_noisy_predictions():
+    x, k, z, _, _, g = keyed_planes()
+    for sigma in (0.5, 1.0):
+        noisy = x + sigma * torch.randn(x.shape, generator=g, dtype=torch.float64) * x.std(dim=(0, 2))[:, None]
+        pooled = float(key_error(estimate_rotation(noisy, z, pooled=True), k))
+        per = key_error(estimate_rotation(noisy, z), k)
+        assert pooled < 0.5 * float(per.mean()) and pooled < float(per.min()), (sigma, pooled, per.mean())
+
+
+def test_pooled_rotation_with_per_face_subsets_alternates_to_the_key():
+    x, k, z, d, energy, g = keyed_planes(m=6)
+    plain = float(key_error(estimate_rotation(x, z, pooled=True, subset=6, energy=energy, iters=0), k))
+    r = estimate_rotation(x, z, pooled=True, subset=6, energy=energy, iters=2)
+    assert float(key_error(r, k)) < 1e-6 < plain                     # sum X X^T D is not symmetric; sum D X X^T D is
+    assert torch.equal(subset_rows(r @ z, 6, energy), d)              # every face's kept channels found
+    noisy = x + 0.5 * torch.randn(x.shape, generator=g, dtype=torch.float64) * x.std(dim=(0, 2))[:, None]
+    pooled = float(key_error(estimate_rotation(noisy, z, pooled=True, subset=6, energy=energy), k))
+    assert pooled < float(key_error(estimate_rotation(noisy, z), k).mean())
+    with pytest.raises(ValueError, match="energy"):
+        estimate_rotation(x, z, pooled=True, subset=6)
+    with pytest.raises(ValueError, match="pred and released"):
+        estimate_rotation(x, z[:, :-1])
+
+
+def test_key_estimate_params_and_modes():
+    assert shared_rotation(create_defense("ppfrfd", shuffle="key", mix="orthogonal").structure())
+    assert shared_rotation(create_defense("ppfrfd", shuffle="key", mix="orthogonal", subset=90).structure())
+    assert not shared_rotation(create_defense("ppfrfd", shuffle="sample", mix="orthogonal").structure())
+    assert not shared_rotation(create_defense("ppfrfd", shuffle="keys:3", mix="orthogonal").structure())
+    with pytest.raises(ValueError, match="key_estimate"):
+        create_attack("gram", key_estimate="pooled")
+    with pytest.raises(ValueError, match="client_queries"):
+        create_attack("gram", client_queries=-1)
+    with pytest.raises(ValueError, match="subset_iters"):
+        create_attack("gram", subset_iters=-1)
+    with pytest.raises(TypeError, match="subset_fill"):
+        create_attack("gram", subset_fill=1)
+    public = smooth_faces(8, seed=1)
+    tiny = dict(n_images=8, epochs=1, width=4, batch_size=8, principal=2, seed=0, progress=False)
+    with pytest.raises(ValueError, match="per face"):                   # no single rotation to pool
+        create_attack("gram", key_estimate="client", **tiny).fit(create_defense("ppfrfd", shuffle="sample",
+                                                                                mix="orthogonal"), public)
+    atk = create_attack("gram", **tiny).fit(create_defense("ppfrfd", shuffle="keys:2", mix="orthogonal"), public)
+    assert atk.report()["key_estimate"] == "face" and atk.report()["client_queries"] == 0
+    assert atk.observe(create_defense("ppfrfd", shuffle="keys:2", mix="orthogonal"), public[:2])["traffic"] is None
+
+
+def test_pooled_attack_observes_the_clients_traffic_and_recovers_its_key():
+    public, victims = smooth_faces(20, seed=1), smooth_faces(3, seed=2)
+    d = create_defense("ppfrfd", shuffle="key", mix="orthogonal", seed=9)
+    atk = create_attack("gram", n_images=12, epochs=1, width=4, batch_size=6, principal=2, seed=0, progress=False,
+                        client_queries=10)
+    atk.fit(d, public)
+    rep = atk.report()
+    assert rep["key_estimate"] == "client" and rep["client_queries"] == 10 and rep["traffic_faces"].startswith("8 ")
+    calls = []
+    query = d.query
+    d.query = lambda x: calls.append(x.shape[0]) or query(x)           # every release goes through the victim's
+    obs = atk.observe(d, victims)
+    assert calls == [3, 10] and obs["queries"].shape == (3, 189, 14, 14) and obs["traffic"].shape == (10, 189, 14, 14)
+    # the traffic faces: the 8 public faces the decoder was not trained on (of 20, 12 trained on)
+    pool = {x.numpy().tobytes() for x in public}
+    assert atk.traffic_pool.shape[0] == 8 and all(x.numpy().tobytes() in pool for x in atk.traffic_pool)
+    key = d.client_key()
+    perm, q = key["perm"][0], key["orthogonal"]
+    k = q @ torch.eye(189, dtype=torch.float64)[perm]                   # Z = Q X[perm] = K X
+    # with the true faces as predictions the pooled estimate is the key (to the float32 releases, ill-conditioned
+    # in the weak high-frequency channels of these smooth pictures)
+    back = atk.procrustes(obs["queries"], victims, key_estimate="client")
+    assert atk.last_rotation.shape == (189, 189) and float(key_error(atk.last_rotation, k)) < 1e-2   # |K|_F = 13.7
+    assert float((back - victims).abs().mean()) < 0.02
+    recon = atk.invert(obs)                                            # the decoder's faces, pooled with the traffic
+    assert recon.shape == (3, 3, 112, 112) and torch.isfinite(recon).all() and float(recon.abs().max()) <= 1
+    assert atk.last_rotation.shape == (189, 189)
+    atk.reconstruct(obs, "procrustes", key_estimate="face")
+    assert atk.last_rotation.shape == (3, 189, 189)
+    with pytest.raises(ValueError, match="traffic"):
+        atk.invert({"queries": obs["queries"], "traffic": torch.zeros(2, 5, 14, 14)})

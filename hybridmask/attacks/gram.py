@@ -47,6 +47,22 @@ prediction (orthogonal Procrustes, one C x C SVD per face). For ``X_pred = X``, 
 (the released coefficients, rotated), so the face's own detail comes from the release, not the decoder.
 The dropped block means are then solved from edge continuity (:func:`.algebra.fill_dc`) with a weak
 pull (``dc_weight``) towards the decoder's. No step uses the judge (SFace) or any face recognizer.
+
+Pooled client key (``key_estimate="client"``; ``"auto"`` picks it when the released rotation is one per
+client): with ``shuffle="key"`` (or ``"none"``) and an orthogonal, public or no mix, every query of the
+client is ``Z_i = K D_i X_i`` with the *same* ``K``, so one orthogonal map is estimated from all the
+queries the attacker sees of that client, ``R = polar(sum_i X_pred,i Z_i^T)``: the victims' queries plus
+``client_queries`` other queries of the same client (threat model: the attacker observes the client's
+traffic; as in the ``structure`` attack that traffic is simulated with faces of the attacker's pool,
+public faces it did not train the decoder on when there are any, whose clean pictures the attack never
+reads). The decoder's errors on different faces average out in the sum; for true predictions
+``R = K^T`` exactly once ``sum_i X_i X_i^T`` is positive definite. With per-face subsets (``subset=m``,
+the number public) the rows a face dropped are zero in ``K^T Z_i``: the attack alternates (``subset_iters``
+rounds) marking each face's ``C - m`` weakest aligned rows (relative to the attacker's mean channel energy)
+as dropped and re-estimating ``R`` with those rows of the prediction zeroed (``sum_i D_i X_pred,i Z_i^T``,
+symmetric positive definite times ``K^T`` for true predictions, so exact again), and (``subset_fill``) the
+dropped rows of the output are the decoder's. It assumes one ``K`` for every pooled query: a fresh
+permutation per face (``shuffle="sample"``) or one of R keys (``"keys:R"``) keeps the per-face estimate.
 """
 from __future__ import annotations
 
@@ -121,6 +137,54 @@ def public_planes(released: torch.Tensor, channel_mix: str) -> torch.Tensor:
     raise ValueError(f"channel mix {channel_mix!r} has no key-invariant Gram known to this attack")
 
 
+def polar(a: torch.Tensor) -> torch.Tensor:
+    """The orthogonal factor ``U V^T`` of ``a`` (``(..., C, C)``, from its SVD ``U S V^T``): the orthogonal ``R``
+    that maximises ``trace(R^T a)``, i.e. the orthogonal Procrustes solution for ``a = sum X_pred Z^T``."""
+    u, _, vh = torch.linalg.svd(a)
+    return u @ vh
+
+
+def subset_rows(aligned: torch.Tensor, m: int, energy: torch.Tensor) -> torch.Tensor:
+    """``(B, C)`` bool: the ``m`` rows of each aligned release ``(B, C, N)`` with the most energy relative to the
+    channel's expected energy ``energy`` (C,) - the rows the face kept; the others it dropped (zero in ``K^T Z``)."""
+    score = aligned.pow(2).sum(-1) / energy.to(aligned).clamp_min(1e-12)
+    idx = score.topk(int(m), dim=1).indices
+    return torch.zeros(score.shape, dtype=torch.bool, device=score.device).scatter_(1, idx, True)
+
+
+def estimate_rotation(pred: torch.Tensor, released: torch.Tensor, pooled: bool = False,
+                      subset: Optional[int] = None, energy: Optional[torch.Tensor] = None,
+                      iters: int = 2) -> torch.Tensor:
+    """Orthogonal Procrustes estimates of ``K^T`` from predictions ``X_pred`` and releases ``Z = K D X`` (both
+    ``(B, C, N)``, kept channels x block positions, float64).
+
+    ``pooled=False``: one ``R_b = polar(X_pred,b Z_b^T)`` per face -> ``(B, C, C)`` (a per-face key).
+    ``pooled=True``: one ``R = polar(sum_b X_pred,b Z_b^T)`` for all -> ``(C, C)`` (one client key). With
+    ``subset=m`` (each face kept ``m`` of the C channels, the rest zero before ``K``) the pooled estimate then
+    alternates ``iters`` times: each face's dropped rows = all but its ``m`` strongest rows of ``R Z_b``
+    (:func:`subset_rows`, relative to ``energy``), and ``R = polar(sum_b D_b X_pred,b Z_b^T)``."""
+    if pred.shape != released.shape or pred.dim() != 3:
+        raise ValueError(f"pred and released must both be (B, C, N), got {tuple(pred.shape)} and "
+                         f"{tuple(released.shape)}")
+    pred, released = pred.double(), released.double()
+    if not pooled:
+        return polar(pred @ released.transpose(1, 2))
+    r = polar(torch.einsum("bcn,bdn->cd", pred, released))
+    if subset is not None and subset < pred.shape[1]:
+        if energy is None:
+            raise ValueError("a pooled estimate with a subset needs the expected channel energy")
+        for _ in range(int(iters)):
+            keep = subset_rows(r @ released, subset, energy)
+            r = polar(torch.einsum("bcn,bdn->cd", pred * keep[..., None], released))
+    return r
+
+
+def shared_rotation(structure) -> bool:
+    """Whether every query of one client is released under the same channel rotation ``K`` (the permutation
+    a client key or none; the mix orthogonal, public or none): the condition of the pooled key estimate."""
+    return structure.shuffle in ("key", "none") and structure.channel_mix in ("orthogonal", "neighbour", "none")
+
+
 def has_client_key(structure) -> bool:
     return (structure.shuffle == "key" or structure.shuffle.startswith("keys:")
             or structure.channel_mix == "orthogonal" or structure.subset_keys is not None)
@@ -128,7 +192,8 @@ def has_client_key(structure) -> bool:
 
 @register_attack("gram")
 class GramAttack(Attack):
-    """Key-invariant Gram features -> U-Net decoder -> per-face orthogonal Procrustes key estimate."""
+    """Key-invariant Gram features -> U-Net decoder -> orthogonal Procrustes key estimate (per face, or pooled
+    over the client's queries when they share one rotation)."""
 
     name = "gram"
     PARAMS = (
@@ -155,6 +220,17 @@ class GramAttack(Attack):
                   "exactly as released, DC solved)"),
         Param("dc_weight", float, 0.1, range=(0.0, None),
               doc="procrustes: pull of the solved block means towards the decoder's (0: only edge continuity)"),
+        Param("key_estimate", str, "auto", choices=("auto", "face", "client"),
+              doc="procrustes: face: one key estimate per query; client: one for all the client's queries "
+                  "(R = polar(sum_i X_pred,i Z_i^T), needs one permutation per client: shuffle='key' or 'none'); "
+                  "auto: client when the defense releases every query under the same rotation, else face"),
+        Param("client_queries", int, 256, range=(0, 100_000),
+              doc="other queries of the same client the attacker sees (pooled client-key estimate only)"),
+        Param("subset_iters", int, 2, range=(0, 50),
+              doc="client key with per-face subsets: rounds of (mark each face's dropped rows, re-estimate R "
+                  "from the kept rows of the predictions)"),
+        Param("subset_fill", bool, True,
+              doc="client key with per-face subsets: the rows a face dropped come from the decoder's face"),
     )
 
     @classmethod
@@ -170,6 +246,9 @@ class GramAttack(Attack):
         if st.channel_mix == "neighbour" and len(st.kept) % 2 == 0:
             return (f"the neighbour mix of an even number of channels ({len(st.kept)}) is singular: no exact "
                     f"inverse or whitening, so the Gram of the release is not key-invariant")
+        # key_estimate="client" (the pooled key) additionally assumes one rotation for all the client's
+        # queries (shared_rotation: shuffle 'key' or 'none'); fit refuses it otherwise, 'auto' falls back to
+        # the per-face estimate
         return None
 
     def __init__(self, **params):
@@ -207,6 +286,18 @@ class GramAttack(Attack):
             raise ValueError(f"attack {self.name!r}: {reason}")
         imgs = self.begin_fit(defense, public_images)
         self.structure = self.defense.structure()
+        shared = shared_rotation(self.structure)
+        if p["key_estimate"] == "client" and not shared:
+            raise ValueError(f"attack 'gram': key_estimate='client' pools the queries of one client under one "
+                             f"rotation, but this defense draws the permutation per face (shuffle="
+                             f"{self.structure.shuffle!r}); use key_estimate='face' or 'auto'")
+        self.key_mode = "client" if p["key_estimate"] == "client" or (p["key_estimate"] == "auto" and shared) \
+            else "face"
+        self.traffic_pool, self.traffic_source = self._traffic_faces(public_images, imgs)
+        kept = list(self.structure.kept)
+        with torch.no_grad():     # the attacker's mean energy per kept channel (to tell a dropped row)
+            self.channel_energy = batched(lambda x: self.structure.bdct(x)[:, kept].double().pow(2).sum((2, 3)),
+                                          imgs).mean(0)
         views = [imgs, imgs.flip(-1)] if p["flip"] else [imgs]
         feats = []                                    # (V, R * n, F, g, g): view, release
         with torch.no_grad():
@@ -242,51 +333,111 @@ class GramAttack(Attack):
             losses.append(total / max(count, 1))
         self.decoder.eval()
         self.info = {"features": feature_names(p["radius"], p["principal"]), "grid": int(grid),
+                     "key_estimate": self.key_mode, "client_queries": int(p["client_queries"])
+                     if self.key_mode == "client" else 0, "traffic_faces": self.traffic_source,
                      "train_pairs": int(n * feats.shape[0]), "train_l1": losses,
                      "fresh_key": bool(p["fresh_key"] and has_client_key(self.structure)),
                      "channel_mix": self.structure.channel_mix, "subset": self.structure.subset}
         self.fitted = True
         return self
 
+    @staticmethod
+    def _traffic_faces(public_images: torch.Tensor, pool: torch.Tensor) -> Tuple[torch.Tensor, str]:
+        """The faces that simulate the client's other queries: the attacker's public faces the decoder is not
+        trained on when there are any (its predictions on those are as good as on a stranger's), else the
+        training faces mirrored (the ``structure`` attack's choice)."""
+        seen = {x.numpy().tobytes() for x in pool.contiguous()}
+        held = [i for i in range(public_images.shape[0]) if public_images[i].contiguous().numpy().tobytes() not in seen]
+        if held:
+            return public_images[held].clone(), f"{len(held)} public faces the decoder was not trained on"
+        return pool, "the decoder's training faces, mirrored"
+
     # ---- attack ------------------------------------------------------------------------------------
     def observe(self, defense, victim_images):
-        """One query per victim, through the victim's defense."""
+        """One query per victim, through the victim's defense; with the pooled client key also
+        ``client_queries`` other queries of that client (the attacker's faces, mirrored, released by the same
+        defense after the victims')."""
         check_defense(defense)
         check_faces(victim_images, "victim_images")
-        return batched(defense.query, victim_images)
+        obs = {"queries": batched(defense.query, victim_images), "traffic": None}
+        if getattr(self, "key_mode", None) == "client" and self.params["client_queries"]:
+            g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=self.generator)))
+            idx = torch.randint(0, self.traffic_pool.shape[0], (self.params["client_queries"],), generator=g)
+            obs["traffic"] = batched(defense.query, self.traffic_pool[idx].flip(-1))
+        return obs
 
     def invert(self, observation):
         self._require_fitted()
         q = observation["queries"] if isinstance(observation, dict) else observation
+        traffic = observation.get("traffic") if isinstance(observation, dict) else None
         c = len(self.structure.kept)
-        if not isinstance(q, torch.Tensor) or q.dim() != 4 or q.shape[1] != c:
-            raise ValueError(f"attack 'gram' expects (B, {c}, g, g) queries, got "
-                             f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
-        return self.reconstruct(q, self.params["project"])
+        for name, t in (("queries", q), ("traffic", traffic)):
+            if name == "traffic" and t is None:
+                continue
+            if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[1] != c:
+                raise ValueError(f"attack 'gram' expects (B, {c}, g, g) {name}, got "
+                                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        return self.reconstruct(q, self.params["project"], traffic=traffic)
 
-    def reconstruct(self, queries: torch.Tensor, project: str = "none") -> torch.Tensor:
-        """The decoder's faces from ``queries``; ``project="procrustes"``: then aligned to the release (see
-        :meth:`procrustes`). One fit serves both (the probe reports them side by side)."""
+    def predict(self, queries: torch.Tensor) -> torch.Tensor:
+        """The decoder's faces ``(B, 3, 112, 112)`` in [-1, 1] from released queries."""
         self._require_fitted()
         feats = self._standardise(self.features(queries))
         with torch.no_grad():
-            pred = batched(lambda f: self.decoder(f.to(self.device)), feats).cpu().clamp(-1, 1)
-        return pred if project == "none" else self.procrustes(queries, pred)
+            return batched(lambda f: self.decoder(f.to(self.device)), feats).cpu().clamp(-1, 1)
 
-    def procrustes(self, released: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, queries, project: str = "none", traffic: Optional[torch.Tensor] = None,
+                    key_estimate: Optional[str] = None, subset_fill: Optional[bool] = None) -> torch.Tensor:
+        """The decoder's faces from ``queries`` (a tensor or :meth:`observe`'s dict, whose traffic is then
+        used); ``project="procrustes"``: then aligned to the release (see :meth:`procrustes`). One fit serves
+        every variant (the probe reports them side by side)."""
+        if isinstance(queries, dict):
+            traffic = queries.get("traffic") if traffic is None else traffic
+            queries = queries["queries"]
+        pred = self.predict(queries)
+        return pred if project == "none" else self.procrustes(queries, pred, traffic, key_estimate, subset_fill)
+
+    def procrustes(self, released: torch.Tensor, pred: torch.Tensor, traffic: Optional[torch.Tensor] = None,
+                   key_estimate: Optional[str] = None, subset_fill: Optional[bool] = None) -> torch.Tensor:
         """Each release ``Z`` (after the public unmix; ``Z = K X`` with ``K`` the unknown orthogonal key, or
-        ``K D X`` with a subset) turned back by the orthogonal ``R = polar(X_pred Z^T)`` that maps it closest
-        to the prediction ``X_pred`` (the BDCT of the decoder's face at the kept channels): the orthogonal
-        Procrustes estimate of ``K^T``. ``R Z`` has exactly the released Gram; the dropped block means are
-        solved from its AC (edge continuity) with a ``dc_weight`` pull towards the prediction's."""
+        ``K D X`` with a subset) turned back by an orthogonal ``R`` that maps it closest to the prediction
+        ``X_pred`` (the BDCT of the decoder's face at the kept channels): the orthogonal Procrustes estimate
+        of ``K^T`` (:func:`estimate_rotation`), per face (``key_estimate="face"``: ``R = polar(X_pred Z^T)``)
+        or once for the client from the victims' queries and the client's ``traffic`` (``"client"``; the
+        traffic's predictions are the decoder's too). ``R Z`` has exactly the released Gram; with the pooled
+        key and a subset the rows each face dropped are the prediction's (``subset_fill``); the dropped block
+        means are solved from the AC (edge continuity) with a ``dc_weight`` pull towards the prediction's.
+        ``self.last_rotation``: the estimate(s), ``(C, C)`` or ``(B, C, C)``."""
+        p = self.params
         st, kept = self.structure, list(self.structure.kept)
+        mode = key_estimate or self.key_mode
+        if mode == "auto":
+            mode = self.key_mode
+        if mode == "client" and not shared_rotation(st):
+            raise ValueError(f"key_estimate='client' needs one rotation per client; shuffle={st.shuffle!r}")
+        fill = p["subset_fill"] if subset_fill is None else bool(subset_fill)
         with torch.no_grad():
             z = public_planes(released, st.channel_mix)
             b, c, h, w = z.shape
             full = st.bdct(pred.to(torch.float32)).double()
             xp, zz = full[:, kept].reshape(b, c, -1), z.reshape(b, c, -1)
-            u, _, vh = torch.linalg.svd(xp @ zz.transpose(1, 2))
-            full[:, kept] = (u @ vh @ zz).view(b, c, h, w)
+            if mode == "client":
+                preds, rels = [xp], [zz]
+                if traffic is not None and traffic.shape[0]:
+                    tp = batched(lambda f: st.bdct(f.float())[:, kept].double(), self.predict(traffic))
+                    preds.append(tp.reshape(tp.shape[0], c, -1))
+                    rels.append(public_planes(traffic, st.channel_mix).reshape(traffic.shape[0], c, -1))
+                r = estimate_rotation(torch.cat(preds), torch.cat(rels), pooled=True, subset=st.subset,
+                                      energy=self.channel_energy, iters=p["subset_iters"])
+                aligned = r @ zz
+                if st.subset is not None and st.subset < c and fill:
+                    keep = subset_rows(aligned, st.subset, self.channel_energy)
+                    aligned = torch.where(keep[..., None], aligned, xp)
+            else:
+                r = estimate_rotation(xp, zz)
+                aligned = r @ zz
+            self.last_rotation = r
+            full[:, kept] = aligned.view(b, c, h, w)
             dc = list(algebra.DC_CHANNELS)
             if any(ch not in kept for ch in dc):
                 solved = algebra.fill_dc(full, full[:, dc], prior_weight=self.params["dc_weight"])
@@ -299,4 +450,5 @@ class GramAttack(Attack):
         return dict(self.info)
 
 
-__all__ = ["GramAttack", "gram_features", "public_planes", "offsets", "feature_names", "has_client_key"]
+__all__ = ["GramAttack", "gram_features", "public_planes", "offsets", "feature_names", "has_client_key", "polar",
+           "subset_rows", "estimate_rotation", "shared_rotation"]
