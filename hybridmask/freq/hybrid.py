@@ -4,6 +4,8 @@
 >>> masked, record = hm(images)          # (B, 189, 14, 14) for 112x112 inputs, k=4 mixes
 >>> query = hm.query(images)             # k=1: what a test-time query gets (PPFR-FD only)
 >>> view = hm.as_image(masked)           # zero-filled inverse: what the masked tensor shows
+>>> hm = HybridMask(k=3, pool=public_faces, anchor_largest=True, query_k=3)
+>>> query = hm.query(images)             # each face mixed with 2 public-pool faces, itself the heaviest
 
 ``order="mask_mix"`` (default) masks each face with its own secret permutation and then mixes
 (so different frequencies of different faces land in the same channel); ``"mix_mask"``
@@ -27,7 +29,7 @@ from .ppfrfd import PPFRFD
 ORDERS = ("mask_mix", "mix_mask")
 #: the plain-data constructor arguments of :class:`HybridMask` (its ``config``)
 CONFIG_KEYS = ("u", "drop", "shuffle", "mix", "k", "weights", "max_weight", "alpha", "granularity", "order",
-               "subset", "subset_keys")
+               "subset", "subset_keys", "query_k", "anchor_largest")
 
 
 def subset_config(subset, subset_keys) -> Dict[str, Any]:
@@ -36,6 +38,32 @@ def subset_config(subset, subset_keys) -> Dict[str, Any]:
     if subset is None and subset_keys is None:
         return {}
     return {"subset": subset, "subset_keys": subset_keys}
+
+
+def check_query_k(query_k) -> int:
+    """``query_k`` as an int >= 1, or one ``ValueError`` naming it."""
+    if isinstance(query_k, bool) or not isinstance(query_k, int) or query_k < 1:
+        raise ValueError(f"query_k must be an int >= 1 (the number of faces a test-time query mixes: the face and "
+                         f"query_k - 1 public-pool partners; 1 = the face alone), got {query_k!r}")
+    return int(query_k)
+
+
+def anchor_largest(record: MixRecord) -> MixRecord:
+    """``record`` with the anchor's (column 0's) weight swapped with the largest weight of its row (per band or
+    channel for per-band/per-channel weights), so the face being released is always the heaviest of its mix.
+    The weights of a symmetric rule (InstaHide's, Dirichlet's) are exchangeable, so this gives the anchor the
+    largest order statistic and the partners the others in a random order; the partners keep their indices."""
+    w = record.weights
+    top = w.argmax(dim=1, keepdim=True)                     # (B, 1) or (B, 1, G)
+    w0 = w.narrow(1, 0, 1)
+    wmax = w.gather(1, top)
+    out = w.clone()
+    out.scatter_(1, top, w0)                                # the anchor's weight goes where the largest was
+    out[:, :1] = wmax                                       # (a no-op when the anchor was already the largest)
+    label = out if out.dim() == 2 else out.mean(dim=2)
+    label = label / label.sum(dim=1, keepdim=True)
+    return MixRecord(indices=record.indices, weights=out, label_weights=label.to(record.label_weights.dtype),
+                     k=record.k, source=record.source, granularity=record.granularity)
 
 
 class _EncodedPool:
@@ -73,19 +101,31 @@ class HybridMask(nn.Module):
         k: default number of faces per mix (int, per-sample tensor, or callable). 1 = no MixUp.
         weights, max_weight, alpha, granularity: see :class:`FreqMixUp`.
         order: ``"mask_mix"`` or ``"mix_mask"``.
-        pool: optional (N, 3, H, W) public faces in [-1, 1] to draw partners from instead of the batch.
+        pool: optional (N, 3, H, W) public faces in [-1, 1] to draw partners from instead of the batch, or a
+            zero-argument callable returning them (loaded on first use: a file-backed pool,
+            :class:`hybridmask.defenses.io.PublicPool`).
+        anchor_largest: in a mix with pool partners, the face being released takes the largest of the drawn
+            weights (:func:`anchor_largest`): the private face dominates every mix, so a recognizer can learn it.
+        query_k: the number of faces a test-time :meth:`query` mixes: the face and ``query_k - 1`` partners from
+            ``pool`` (needs a pool; 1 = the face alone, the PPFR-FD query).
         seed: seed or generator for all secret draws; ``None`` (deployment) = secure OS seed.
     """
 
     def __init__(self, u: int = 1, drop: ChannelSpec = "dc", shuffle: str = "sample", mix: str = "neighbour",
                  k: KLike = 1, weights: str = "instahide", max_weight: float = 0.65, alpha: float = 1.0,
                  granularity: str = "image", order: str = "mask_mix", pool: Optional[torch.Tensor] = None,
-                 seed: SeedLike = None, subset: Optional[int] = None, subset_keys: Optional[int] = None):
+                 seed: SeedLike = None, subset: Optional[int] = None, subset_keys: Optional[int] = None,
+                 anchor_largest: bool = False, query_k: int = 1):
         super().__init__()
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-        if pool is not None:
-            check_images(pool, "pool", channels=3, multiple=8 // u if u in (1, 2, 4, 8) else None)
+        query_k = check_query_k(query_k)
+        if query_k > 1 and pool is None:
+            raise ValueError(f"query_k={query_k} needs a public pool (pool=...): a query's partners come from it")
+        if query_k > 1 and weights == "instahide" and max_weight * query_k < 1 - 1e-9:
+            raise ValueError(f"max_weight {max_weight} is infeasible for query_k={query_k} "
+                             f"(query_k * max_weight must be >= 1)")
+        self._multiple = 8 // u if u in (1, 2, 4, 8) else None
         self.generator = make_generator(seed)
         self.bdct = BlockDCT(u)
         self.ppfrfd = PPFRFD(drop=drop, shuffle=shuffle, mix=mix, seed=self.generator, subset=subset,
@@ -94,9 +134,40 @@ class HybridMask(nn.Module):
                                granularity=granularity, seed=self.generator)
         self.order = order
         self.pool = pool
+        self.anchor_largest = bool(anchor_largest)
+        self.query_k = query_k
         self._config = dict(u=u, drop=drop if isinstance(drop, (str, type(None))) else list(drop), shuffle=shuffle,
                             mix=mix, k=k if isinstance(k, int) else 1, weights=weights, max_weight=max_weight,
                             alpha=alpha, granularity=granularity, order=order, **subset_config(subset, subset_keys))
+        if self.anchor_largest:   # present only when set: the configs of existing maskings stay as they were
+            self._config["anchor_largest"] = True
+        if query_k != 1:
+            self._config["query_k"] = query_k
+
+    # ---- the public pool (a tensor, or a loader called on first use) ----------------------
+    @property
+    def pool(self) -> Optional[torch.Tensor]:
+        """The public pool's faces (N, 3, H, W), loaded on first access when given as a loader; None: none."""
+        if self._pool_faces is None and self._pool_source is not None:
+            faces = self._pool_source()
+            check_images(faces, "pool", channels=3, multiple=self._multiple)
+            self._pool_faces = faces
+        return self._pool_faces
+
+    @pool.setter
+    def pool(self, pool) -> None:
+        if pool is not None and not isinstance(pool, torch.Tensor) and not callable(pool):
+            raise ValueError(f"pool must be a (N, 3, H, W) tensor of public faces or a loader, "
+                             f"got {type(pool).__name__}")
+        if isinstance(pool, torch.Tensor):
+            check_images(pool, "pool", channels=3, multiple=self._multiple)
+        object.__setattr__(self, "_pool_source", pool)
+        object.__setattr__(self, "_pool_faces", pool if isinstance(pool, torch.Tensor) else None)
+
+    @property
+    def has_pool(self) -> bool:
+        """Whether partners come from a public pool (without loading it)."""
+        return self._pool_source is not None
 
     # ---- configuration -------------------------------------------------------------------
     @property
@@ -172,7 +243,7 @@ class HybridMask(nn.Module):
         check_images(images)
         b = images.shape[0]
         if self.order == "mix_mask":
-            mix = self.mixup.draw(self._mix_shape(images), k, self._pool_size(), None)
+            mix = self._draw_mixup(self._mix_shape(images), k, None)
             face = self.face_draw(b)
             return Draw(perm=face.perm, subset=face.subset, mix=mix)
         return self.draw_mix(images, self.face_draw(b), k)
@@ -186,7 +257,7 @@ class HybridMask(nn.Module):
             k = k(encoded if encoded is not None else self.encode(images, draw.perm, draw.subset))
         shape = self._mix_shape(images)
         bands = self.ppfrfd.kept_index % 64 if self.order == "mask_mix" else None
-        mix = self.mixup.draw(shape, k, self._pool_size(), bands)
+        mix = self._draw_mixup(shape, k, bands)
         pool_perm = pool_subset = None
         kmax = mix.indices.shape[1]
         if self.pool is not None and self.order == "mask_mix" and kmax > 1:
@@ -198,12 +269,21 @@ class HybridMask(nn.Module):
         return Draw(perm=draw.perm, mix=mix, pool_perm=pool_perm, noise=draw.noise, subset=draw.subset,
                     pool_subset=pool_subset)
 
+    def _draw_mixup(self, shape: torch.Tensor, k, bands) -> MixRecord:
+        mix = self.mixup.draw(shape, k, self._pool_size(), bands)
+        if self.anchor_largest and mix.source == "pool":
+            mix = anchor_largest(mix)
+        return mix
+
     def _pool_size(self) -> Optional[int]:
         return None if self.pool is None else int(self.pool.shape[0])
 
     def _pool(self, images: torch.Tensor, draw: Draw):
         if self.pool is None:
             return None
+        if images.dim() == 4 and images.shape[1] == 3 and tuple(self.pool.shape[-2:]) != tuple(images.shape[-2:]):
+            raise HybridMaskInputError(f"the pool's faces are {self.pool.shape[-2]}x{self.pool.shape[-1]}, the "
+                                       f"released faces {images.shape[-2]}x{images.shape[-1]}: a mix needs one size")
         pool = self.pool.to(images.device, images.dtype)
         if self.order == "mask_mix":
             return _EncodedPool(pool, self.encode, draw.pool_perm, draw.pool_subset)
@@ -234,10 +314,21 @@ class HybridMask(nn.Module):
         """``(B, 3, H, W)`` in [-1, 1] -> ``(masked (B, C_kept, H*u/8, W*u/8), MixRecord)``."""
         return self.apply(images, self.draw(images, k))
 
+    def query_draw(self, images: torch.Tensor) -> Draw:
+        """The secrets of one test-time query of ``images``: each face's own (permutation, subset) and, with
+        ``query_k > 1``, ``query_k - 1`` pool partners, their own secrets and the weights (the face the
+        heaviest when ``anchor_largest``)."""
+        face = self.face_draw(images.shape[0])
+        return face if self.query_k == 1 else self.draw_mix(images, face, self.query_k)
+
     @torch.no_grad()
     def query(self, images: torch.Tensor) -> torch.Tensor:
-        """The k=1 masking a test-time query gets (BDCT + PPFR-FD, no partners)."""
-        return self.encode(images)
+        """The masking a test-time query gets: BDCT + PPFR-FD of each face alone (``query_k=1``), or each face
+        mixed with ``query_k - 1`` public-pool partners, every face masked on its own secrets."""
+        if self.query_k == 1:
+            return self.encode(images)
+        check_images(images)
+        return self.apply(images, self.query_draw(images))[0]
 
     def as_image(self, masked: torch.Tensor, size=None) -> torch.Tensor:
         """Zero-filled inverse of a masked tensor: place its channels at the kept positions and
