@@ -22,6 +22,12 @@ tensor alone, or a dict of its parts (``perm``, ``orthogonal``, ``subsets``) whe
 ``key_fingerprint``. ``load_defense(model.pt, key=PATH)`` installs the key and refuses another key
 (:class:`ClientKeyMismatchError`); without ``key=`` a keyed model's defense draws a fresh key and
 ``load_defense`` warns that its queries will not match the model.
+
+**Public pools.** A defense whose MixUp partners (of training releases, and of queries with ``query_k > 1``)
+come from a public pool of faces records the pool in its config as ``pool: PATH`` (a folder of aligned
+faces or a ``.pt`` tensor file) with ``pool_sha256``, the SHA-256 of its content (:func:`pool_fingerprint`).
+:class:`PublicPool` checks the fingerprint when the defense is rebuilt and loads the faces on first use; a
+missing or changed pool raises :class:`PublicPoolError` naming it. Nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ import hashlib
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -54,6 +60,180 @@ class DefenseNotRecordedError(ValueError):
 
 class ClientKeyMismatchError(ValueError):
     """A client key that is not the one the model was trained with."""
+
+
+class PublicPoolError(ValueError):
+    """A public pool that is missing, unreadable, or not the one a defense recorded (its SHA-256 differs)."""
+
+
+# ---- public pools ----------------------------------------------------------------------------------
+#: keys a ``.pt`` pool file may hold its faces under (else the file is the tensor itself)
+POOL_TENSOR_KEYS = ("images", "faces")
+
+
+def _pool_files(folder: Path) -> List[Path]:
+    """The image files of a pool folder (recursively), in the order of their relative POSIX paths."""
+    from ..data.image import is_image_file
+    files = [p for p in folder.rglob("*") if p.is_file() and is_image_file(p.name)]
+    return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def _fingerprint_parts(folder: Path, files: List[Path]):
+    """SHA-256 over each image file's relative path, size and bytes; yields ``(path, bytes)`` as it reads."""
+    h = hashlib.sha256(b"hybridmask.pool.folder\n")
+    out = []
+    for p in files:
+        data = p.read_bytes()
+        h.update(f"{p.relative_to(folder).as_posix()}\0{len(data)}\0".encode())
+        h.update(data)
+        out.append((p, data))
+    return h.hexdigest(), out
+
+
+def pool_fingerprint(pool: Union[PathLike, torch.Tensor]) -> str:
+    """The SHA-256 content fingerprint of a public pool: a ``.pt`` file's bytes; for a folder, each image file's
+    relative path, size and bytes in path order (other files are ignored); for a tensor, its dtype, shape and
+    bytes."""
+    if isinstance(pool, torch.Tensor):
+        t = pool.detach().cpu().contiguous()
+        h = hashlib.sha256(f"hybridmask.pool.tensor\n{t.dtype}:{tuple(t.shape)}\n".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
+        return h.hexdigest()
+    path = Path(pool)
+    if path.is_dir():
+        return _fingerprint_parts(path, _pool_files(path))[0]
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _pool_faces(obj, path: Path) -> torch.Tensor:
+    if isinstance(obj, Mapping):
+        key = next((k for k in POOL_TENSOR_KEYS if isinstance(obj.get(k), torch.Tensor)), None)
+        if key is None:
+            raise PublicPoolError(f"public pool {path}: a dict pool file needs the faces under one of "
+                                  f"{list(POOL_TENSOR_KEYS)}, got keys {sorted(map(str, obj))}")
+        obj = obj[key]
+    if not isinstance(obj, torch.Tensor):
+        raise PublicPoolError(f"public pool {path}: expected a (N, 3, H, W) tensor of faces, got {type(obj).__name__}")
+    if obj.dtype == torch.uint8:
+        return obj.float() / 127.5 - 1
+    if not obj.is_floating_point():
+        raise PublicPoolError(f"public pool {path}: faces must be float in [-1, 1] or uint8, got {obj.dtype}")
+    return obj.float()
+
+
+def read_pool(path: PathLike) -> Tuple[torch.Tensor, str]:
+    """Read a public pool -> ``(faces (N, 3, H, W) float in [-1, 1], its fingerprint)``, hashing the bytes it
+    decodes (a file changed between a check and the read cannot slip through)."""
+    import io as _io
+    from ..utils.validate import check_images
+    path = Path(path)
+    if path.is_dir():
+        from ..data.image import decode_image
+        fp, parts = _fingerprint_parts(path, _pool_files(path))
+        if not parts:
+            raise PublicPoolError(f"public pool {path} holds no image files")
+        try:
+            faces = [decode_image(data, str(p), size=None) for p, data in parts]
+        except ValueError as e:
+            raise PublicPoolError(f"public pool {path}: {e}") from None
+        sizes = sorted({tuple(f.shape) for f in faces})
+        if len(sizes) > 1:
+            raise PublicPoolError(f"public pool {path}: its faces must all have one size (aligned faces), "
+                                  f"got {[f'{s[2]}x{s[1]}' for s in sizes[:4]]}")
+        faces = torch.stack(faces)
+    elif path.is_file():
+        data = path.read_bytes()
+        fp = hashlib.sha256(data).hexdigest()
+        try:
+            obj = torch.load(_io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise PublicPoolError(f"public pool {path}: cannot read it as a (weights-only) torch file: "
+                                  f"{type(e).__name__}: {e}") from None
+        faces = _pool_faces(obj, path)
+    else:
+        raise PublicPoolError(f"public pool {path} not found")
+    try:
+        check_images(faces, f"public pool {path}", channels=3)
+    except ValueError as e:
+        raise PublicPoolError(str(e)) from None
+    if not faces.shape[0]:
+        raise PublicPoolError(f"public pool {path} holds no faces")
+    return faces, fp
+
+
+def _check_sha(sha256) -> Optional[str]:
+    if sha256 is None:
+        return None
+    if not isinstance(sha256, str) or len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256.lower()):
+        raise ValueError(f"pool_sha256 must be a 64-digit hex SHA-256 (as recorded in a defense config), "
+                         f"got {sha256!r}")
+    return sha256.lower()
+
+
+class PublicPool:
+    """A public pool of aligned faces in a file: a folder of images (recursively, in path order) or a ``.pt``
+    file holding a ``(N, 3, H, W)`` tensor (float in [-1, 1] or uint8; or a dict with it under ``images`` /
+    ``faces``). Built, it checks that the pool exists and that its content matches ``sha256`` (the recorded
+    fingerprint; None: record the current one); called, it loads the faces (once) and checks again.
+    Relative paths are taken from the working directory."""
+
+    def __init__(self, path: PathLike, sha256: Optional[str] = None):
+        self.path = Path(path)
+        self.spec = str(path)
+        sha256 = _check_sha(sha256)
+        if not self.path.exists():
+            raise PublicPoolError(f"public pool {self.spec} not found" + (
+                f" (the defense was built with the pool of SHA-256 {sha256[:16]}...: put that pool at this path, or "
+                f"give its new place with overrides={{'pool': PATH}})" if sha256 else ""))
+        fp = pool_fingerprint(self.path)
+        if sha256 is not None and fp != sha256:
+            raise PublicPoolError(self._changed(fp, sha256))
+        self.sha256 = fp
+        self._faces: Optional[torch.Tensor] = None
+
+    def _changed(self, got: str, expected: str) -> str:
+        return (f"public pool {self.spec} changed: its content has SHA-256 {got[:16]}..., the defense recorded "
+                f"{expected[:16]}... (restore the pool it was built with; a recognizer trained behind one pool "
+                f"was trained on its faces)")
+
+    def __call__(self) -> torch.Tensor:
+        if self._faces is None:
+            faces, fp = read_pool(self.path)
+            if fp != self.sha256:
+                raise PublicPoolError(self._changed(fp, self.sha256))
+            self._faces = faces
+        return self._faces
+
+    def __repr__(self) -> str:
+        return f"PublicPool({self.spec!r}, sha256={self.sha256[:12]}...)"
+
+
+def resolve_pool(pool, pool_sha256: Optional[str] = None, where: str = "defense"):
+    """A defense's ``pool`` / ``pool_sha256`` arguments -> ``(source, config entries)``: ``source`` is None, the
+    tensor itself, or a :class:`PublicPool` (loaded on first use); the entries record ``pool`` (the path as
+    given; None for an in-memory tensor) and ``pool_sha256`` (its content fingerprint)."""
+    sha = _check_sha(pool_sha256)
+    if pool is None:
+        if sha is not None:
+            raise ValueError(f"{where}: pool_sha256 is set but pool is None: the defense was built with an in-memory "
+                             f"pool tensor (SHA-256 {sha[:16]}...); pass the same faces as pool=<tensor> (e.g. "
+                             f"load_defense(..., overrides={{'pool': faces}}))")
+        return None, {}
+    if isinstance(pool, torch.Tensor):
+        fp = pool_fingerprint(pool)
+        if sha is not None and fp != sha:
+            raise PublicPoolError(f"{where}: the pool tensor given has SHA-256 {fp[:16]}..., the defense recorded "
+                                  f"{sha[:16]}... (not the pool it was built with)")
+        return pool, {"pool": None, "pool_sha256": fp}
+    if isinstance(pool, PublicPool):
+        if sha is not None and pool.sha256 != sha:
+            raise PublicPoolError(pool._changed(pool.sha256, sha))
+        return pool, {"pool": pool.spec, "pool_sha256": pool.sha256}
+    if isinstance(pool, (str, os.PathLike)):
+        src = PublicPool(pool, sha)
+        return src, {"pool": src.spec, "pool_sha256": src.sha256}
+    raise ValueError(f"{where}: pool must be a path (a folder of aligned faces or a .pt tensor file), a (N, 3, H, W) "
+                     f"tensor or None, got {type(pool).__name__}")
 
 
 # ---- records ---------------------------------------------------------------------------------------
@@ -244,7 +424,8 @@ def _adaptive_masking(blob: Mapping[str, Any], path: PathLike) -> Dict[str, Any]
     if not isinstance(masking, Mapping):
         raise ValueError(f"{path}: 'masking' must be a dict of HybridMask arguments")
     from ..freq.hybrid import CONFIG_KEYS   # the adaptive defense takes them all but k (its policy's) and alpha
-    return {k: v for k, v in masking.items() if k in CONFIG_KEYS and k not in ("k", "alpha")}
+    keep = (set(CONFIG_KEYS) | {"pool", "pool_sha256"}) - {"k", "alpha", "anchor_largest"}
+    return {k: v for k, v in masking.items() if k in keep}
 
 
 def defense_from_checkpoint(path: PathLike, seed: SeedLike = None,
@@ -346,4 +527,5 @@ def _plain(obj):
 __all__ = ["load_defense", "save_defense", "build_defense", "defense_record", "defense_from_checkpoint",
            "recorded_defense", "split_config", "check_fits_model", "run_file", "DefenseNotRecordedError",
            "DEFENSE_FORMAT", "CLIENT_KEY_FORMAT", "ClientKeyMismatchError", "key_fingerprint", "save_client_key",
-           "load_client_key", "install_client_key"]
+           "load_client_key", "install_client_key", "PublicPool", "PublicPoolError", "pool_fingerprint", "read_pool",
+           "resolve_pool"]
