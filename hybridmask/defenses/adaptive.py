@@ -112,6 +112,8 @@ class AdaptiveMask(MaskDefense):
             stored in ``policy_path``, else 0 and 1).
         u, drop, shuffle, mix, weights, max_weight, granularity, order, subset, subset_keys: see
             :class:`HybridMask`.
+        query_k, pool, pool_sha256: partners from a public pool (the face the heaviest of each mix) and
+            queries mixed with ``query_k - 1`` of them (see :class:`~hybridmask.defenses.base.MaskDefense`).
         seed: masking secrets (``None``: secure OS seed). ``policy_seed``: the policy's sampling.
     """
     name = "adaptive"
@@ -125,6 +127,7 @@ class AdaptiveMask(MaskDefense):
                  u: int = 1, drop="dc", shuffle: str = "sample", mix: Optional[str] = None, weights: str = "instahide",
                  max_weight: float = 0.65, granularity: str = "image", order: str = "mask_mix",
                  subset: Optional[int] = None, subset_keys: Optional[int] = None,
+                 query_k: int = 1, pool=None, pool_sha256: Optional[str] = None,
                  seed: SeedLike = None, policy_seed: SeedLike = None):
         from ..policy import UniformPolicy, create_policy
         if policy_seed is None and isinstance(seed, int):   # a seeded (test) defense samples its k reproducibly too
@@ -132,7 +135,7 @@ class AdaptiveMask(MaskDefense):
         mask_args = dict(u=u, drop=drop, shuffle=shuffle, mix=default_mix(shuffle, mix), weights=weights,
                          max_weight=max_weight,
                          granularity=granularity, order=order, **subset_config(subset, subset_keys))
-        super().__init__({}, seed=seed, k=1, **mask_args)
+        super().__init__({}, seed=seed, k=1, query_k=query_k, pool=pool, pool_sha256=pool_sha256, **mask_args)
         ctx = {"running_loss": 0.0, "progress": 1.0}
         if policy is None and policy_path is not None:
             policy, meta = load_policy(policy_path, seed=policy_seed)
@@ -150,7 +153,8 @@ class AdaptiveMask(MaskDefense):
         if weights == "instahide" and small and max_weight * min(small) < 1 - 1e-9:
             raise ValueError(f"max_weight {max_weight} is infeasible for k={min(small)} (k * max_weight must be >= 1)")
         # the config rebuilds the policy's shape; its weights are defense_state (never a file path)
-        self._config = dict(policy_config=describe_policy(self.policy), greedy=self.greedy, **mask_args)
+        self._config = dict(policy_config=describe_policy(self.policy), greedy=self.greedy, **mask_args,
+                            **self._query_config)
 
     @property
     def max_k(self) -> int:

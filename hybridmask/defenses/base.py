@@ -16,10 +16,11 @@ evaluation, attacks, benchmark) talks to it through this class and never by its 
 
 **Draw / apply** (torchvision v2's ``_get_params`` / ``_transform``): :meth:`draw` returns the
 secrets of one release as a :class:`Draw` value, :meth:`apply` releases with them
-deterministically. ``release(x, k) == apply(x, draw(x, k))``; ``query(x)`` is the one-face (k=1)
-test-time release. A mixing defense also splits :meth:`apply` into :meth:`encode` (each face on its
-own) and :meth:`mix`, and :meth:`draw_mix` redraws only the MixUp for a new k - what the trainer
-does when a policy picks k from the encoded batch.
+deterministically. ``release(x, k) == apply(x, draw(x, k))``; ``query(x) == apply(x, draw_query(x))`` is the
+test-time release: each face alone (k=1; ``draw_query(x) == draw(x, 1)``), or, behind a frequency defense with
+``query_k > 1``, each face mixed with ``query_k - 1`` faces of a public pool. A mixing defense also
+splits :meth:`apply` into :meth:`encode` (each face on its own) and :meth:`mix`, and :meth:`draw_mix`
+redraws only the MixUp for a new k - what the trainer does when a policy picks k from the encoded batch.
 
 **Persistence**: ``config`` (plain constructor arguments, no secrets) + :meth:`defense_state`
 (learned values: DCTDP's budgets, the adaptive policy's weights, ARL's networks) rebuild a trained
@@ -41,7 +42,7 @@ import torch
 import torch.nn as nn
 
 from ..freq import Draw, HybridMask, MixRecord
-from ..freq.hybrid import subset_config
+from ..freq.hybrid import check_query_k, subset_config
 from ..freq.mixup import draw_partners, sample_weights
 from ..utils import Registry, check_images, make_generator
 from ..utils.rng import SeedLike, generator_state, set_generator_state
@@ -69,6 +70,11 @@ class Structure:
     subset:      each face keeps only a secret random ``subset`` of the ``kept`` channels, the others zeroed
                  (which ones is secret; the number is public); None: every kept channel.
     subset_keys: None: a fresh subset per face; R: one of R fixed secret subsets per face (client key).
+    query_k:     the number of faces a test-time query mixes: 1 = the face alone; K >= 2: the face and K - 1
+                 partners from the public pool, the face with the largest weight, every face masked on its own
+                 secrets (which partners, their weights and the permutations are secret; K is public).
+    pool:        where MixUp partners come from: ``"public"`` - a public pool of faces (of training releases and of
+                 queries with ``query_k >= 2``; the attacker may own the same pool); None - the batch, or no MixUp.
     """
     transform: str = "identity"
     bdct: Optional[nn.Module] = None
@@ -83,6 +89,8 @@ class Structure:
     weight_granularity: str = "image"
     subset: Optional[int] = None
     subset_keys: Optional[int] = None
+    query_k: int = 1
+    pool: Optional[str] = None
 
 
 INPUT_KINDS = ("pixel", "freq", "feature")
@@ -164,10 +172,16 @@ class Defense(nn.Module):
         check_images(images)
         return self.apply(images, self.draw(images, k))
 
+    def draw_query(self, images: torch.Tensor) -> Draw:
+        """The secrets of one test-time query of ``images``: ``draw(images, 1)`` (each face alone) unless a defense
+        mixes its queries (``query_k > 1``: pool partners and weights too)."""
+        return self.draw(images, 1)
+
     def query(self, images: torch.Tensor) -> torch.Tensor:
-        """The test-time release of each face on its own (k=1)."""
+        """The test-time release: ``apply(images, draw_query(images))`` (each face on its own, k=1, unless the
+        defense mixes its queries with public-pool faces, ``query_k > 1``)."""
         check_images(images)
-        return self.apply(images, self.draw(images, 1))[0]
+        return self.apply(images, self.draw_query(images))[0]
 
     def as_image(self, released: torch.Tensor) -> torch.Tensor:
         """What a release shows when viewed as a (B, 3, 112, 112) picture (figures, visual metrics)."""
@@ -279,14 +293,42 @@ def default_mix(shuffle: str, mix: Optional[str]) -> str:
     return "none" if shuffle == "none" else "neighbour"
 
 
+def query_pool_config(name: str, query_k, pool, pool_sha256, pool_alone: bool):
+    """Check a masking defense's ``query_k`` / ``pool`` / ``pool_sha256`` -> ``(query_k, pool source, config
+    entries)``; the entries are empty for ``query_k=1`` without a pool, so existing configs stay as they were.
+    ``pool_alone``: whether a pool means anything with ``query_k=1`` (training partners of a mixing defense)."""
+    from .io import resolve_pool
+    query_k = check_query_k(query_k)
+    source, recorded = resolve_pool(pool, pool_sha256, where=name)
+    if query_k > 1 and source is None:
+        raise ValueError(f"{name}: query_k={query_k} needs pool=... (a folder of aligned public faces, a .pt tensor "
+                         f"file or a tensor): a query's query_k - 1 partners are drawn from it")
+    if source is not None and query_k == 1 and not pool_alone:
+        raise ValueError(f"{name}: pool is only used with query_k >= 2 (the query's partners; {name} mixes nothing "
+                         f"else), got query_k=1")
+    entries = {"query_k": query_k, **recorded} if (query_k != 1 or recorded) else {}
+    return query_k, source, entries
+
+
 class MaskDefense(Defense):
-    """A defense built on :class:`~hybridmask.freq.HybridMask` (BDCT -> PPFR-FD -> MixUp)."""
+    """A defense built on :class:`~hybridmask.freq.HybridMask` (BDCT -> PPFR-FD -> MixUp).
+
+    ``query_k`` / ``pool`` / ``pool_sha256`` (issue 14, :func:`query_pool_config`): with a public ``pool`` of faces
+    every MixUp partner comes from it and the face being released takes the largest weight; ``query_k >= 2``
+    mixes each test-time query too, with ``query_k - 1`` pool faces (see docs/defenses.md)."""
     input_kind = "freq"
     stochastic = True
 
-    def __init__(self, own: Dict[str, Any], seed: SeedLike = None, **mask_kwargs):
-        super().__init__(**own)  # the defense's own constructor arguments, for create_defense(**config)
-        self.mask = HybridMask(seed=seed, **mask_kwargs)
+    def __init__(self, own: Dict[str, Any], seed: SeedLike = None, query_k: int = 1, pool=None,
+                 pool_sha256: Optional[str] = None, pool_alone: bool = True, **mask_kwargs):
+        query_k, source, query_config = query_pool_config(self.name, query_k, pool, pool_sha256, pool_alone)
+        # the defense's own constructor arguments, for create_defense(**config)
+        super().__init__(**own, **query_config)
+        self._query_config = query_config
+        if query_k > 1:   # its training release mixes query-like pool mixes (a MixRecord), whatever its class says
+            self.mixes = True
+        self.mask = HybridMask(seed=seed, pool=source, anchor_largest=source is not None, query_k=query_k,
+                               **mask_kwargs)
         # a fresh draw per release: per-sample shuffles or subsets, one of R keys (keys:R) or R subsets, or MixUp
         p = self.mask.ppfrfd
         self.stochastic = p.shuffle not in ("key", "none") or self.mixes or (p.subset is not None
@@ -303,13 +345,18 @@ class MaskDefense(Defense):
     def max_k(self) -> int:
         return int(self.mask.mixup.k) if self.mixes and isinstance(self.mask.mixup.k, int) else 1
 
+    @property
+    def query_k(self) -> int:
+        """The number of faces a test-time query mixes (1: the face alone)."""
+        return self.mask.query_k
+
     def structure(self) -> Structure:
         m = self.mask
         return Structure(transform="bdct", bdct=m.bdct, kept=tuple(m.kept), shuffle=m.ppfrfd.shuffle,
                          channel_mix=m.ppfrfd.mix, k=self.max_k if isinstance(m.mixup.k, int) or not self.mixes
                          else None, k_values=(self.max_k,), mix_order=m.order if self.mixes else None,
                          weight_granularity=m.mixup.granularity, subset=m.ppfrfd.subset,
-                         subset_keys=m.ppfrfd.subset_keys)
+                         subset_keys=m.ppfrfd.subset_keys, query_k=m.query_k, pool="public" if m.has_pool else None)
 
     def draw(self, images, k=None):
         """Per-face secrets, and a MixUp unless every face is released alone (``k=1``: the query, or the
@@ -318,6 +365,13 @@ class MaskDefense(Defense):
         if not self.mixes or (k is not None and bool((torch.as_tensor(k) == 1).all())):
             return self.mask.face_draw(images.shape[0])
         return self.mask.draw(images, k)
+
+    def draw_query(self, images):
+        """Each face's own secrets (``query_k=1``: exactly ``draw(images, 1)``) and, with ``query_k >= 2``, its
+        ``query_k - 1`` pool partners, their secrets and the weights (the face the heaviest)."""
+        if self.mask.query_k == 1:
+            return self.draw(images, 1)
+        return self.mask.query_draw(images)
 
     def apply(self, images, draw):
         if draw.mix is None:
@@ -366,32 +420,40 @@ class FrequencyOnly(MaskDefense):
 class PPFRFDDefense(MaskDefense):
     """PPFR-FD: DC dropped, a secret channel shuffle (per query, or one client key), then the public
     neighbour mix (invertible: it adds no secrecy, see docs/threat_model.md), no MixUp.
-    Issue-14 candidates: ``mix="orthogonal"`` (a secret dense orthogonal mix, a client key) and
+    Issue-14 candidates: ``mix="orthogonal"`` (a secret dense orthogonal mix, a client key),
     ``subset=m`` (each face keeps a secret m of the kept channels; ``subset_keys=R``: one of R fixed
-    subsets), see docs/defenses.md."""
+    subsets) and ``query_k=K`` with ``pool`` (each query mixed with K-1 public-pool faces, the face the
+    heaviest; the training release is then the same K-face pool mix), see docs/defenses.md."""
     name = "ppfrfd"
 
     def __init__(self, u: int = 1, drop="dc", shuffle: str = "sample", mix: Optional[str] = None,
-                 subset: Optional[int] = None, subset_keys: Optional[int] = None, seed: SeedLike = None):
+                 subset: Optional[int] = None, subset_keys: Optional[int] = None, query_k: int = 1, pool=None,
+                 pool_sha256: Optional[str] = None, seed: SeedLike = None):
         own = dict(u=u, drop=drop, shuffle=shuffle, mix=default_mix(shuffle, mix), **subset_config(subset, subset_keys))
-        super().__init__(own, seed=seed, **own, k=1)
+        k = check_query_k(query_k)   # the training release matches the query: k faces, k - 1 from the pool
+        super().__init__(own, seed=seed, query_k=query_k, pool=pool, pool_sha256=pool_sha256, pool_alone=False,
+                         **own, k=k)
 
 
 @register_defense("freq_mixup")
 class FixedKMixUp(MaskDefense):
-    """PPFR-FD followed by frequency MixUp of a fixed k (k=2..6)."""
+    """PPFR-FD followed by frequency MixUp of a fixed k (k=2..6). With a public ``pool`` the k - 1 partners of a
+    training release come from it (the face the heaviest); ``query_k=K`` mixes each query with K - 1 pool faces."""
     name = "freq_mixup"
     mixes = True
 
     def __init__(self, k: int = 4, u: int = 1, drop="dc", shuffle: str = "sample", mix: Optional[str] = None,
                  weights: str = "instahide", max_weight: float = 0.65, granularity: str = "image",
                  order: str = "mask_mix", subset: Optional[int] = None, subset_keys: Optional[int] = None,
-                 seed: SeedLike = None):
+                 query_k: int = 1, pool=None, pool_sha256: Optional[str] = None, seed: SeedLike = None):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
+        if k == 1 and check_query_k(query_k) > 1:
+            raise ValueError(f"freq_mixup: k=1 never mixes a training release, so a recognizer would never see the "
+                             f"pool mixes its queries are (query_k={query_k}); use k >= 2, or ppfrfd with query_k")
         own = dict(k=k, u=u, drop=drop, shuffle=shuffle, mix=default_mix(shuffle, mix), weights=weights, max_weight=max_weight,
                    granularity=granularity, order=order, **subset_config(subset, subset_keys))
-        super().__init__(own, seed=seed, **own)
+        super().__init__(own, seed=seed, query_k=query_k, pool=pool, pool_sha256=pool_sha256, **own)
 
 
 @register_defense("instahide")
