@@ -271,3 +271,16 @@ def test_pool_partners_need_their_teacher_embeddings():
     other = Distillation(FakeCache(len(y)), pool_emb=-pool_emb)   # the pool partners' embeddings enter the target
     idx = torch.arange(8)
     assert not torch.allclose(tr.distill.target(idx, None, rec), other.target(idx, None, rec))
+
+
+@needs_sface
+def test_hybridmask_train_distils_behind_a_query_pool_defense(tmp_path):
+    """A defense that mixes public-pool partners (query_k >= 2): the run embeds the pool with the teacher once, so
+    the mixed targets include the partners (the trainer refuses a pool defense without them)."""
+    pool = torch.rand(6, 3, 112, 112, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    torch.save(pool, tmp_path / "pool.pt")
+    rc = _train(tmp_path, "policy.name=none", "defense.name=ppfrfd",
+                f"defense.args={{query_k: 2, pool: {tmp_path / 'pool.pt'}}}", "train.steps=2", "run.name=qp")
+    assert rc == 0
+    res = json.loads((tmp_path / "qp" / "results.json").read_text())
+    assert res["teacher"]["spec"] == "sface" and res["defense"]["query_k"] == 2

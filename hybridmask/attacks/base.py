@@ -289,10 +289,12 @@ def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_s
 
 
 def differentiable_query(defense) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A query path gradients flow through: ``apply(x, draw(x, 1))`` (the defense's query, which may run
-    under ``no_grad``, replayed through its deterministic half). Raises if that is not differentiable."""
+    """A query path gradients flow through: ``apply(x, draw_query(x))`` (the defense's query, which may run
+    under ``no_grad``, replayed through its deterministic half; pool partners too when the defense mixes its
+    queries). Raises if that is not differentiable."""
     def query(x: torch.Tensor) -> torch.Tensor:
-        return defense.apply(x, defense.draw(x, 1))[0]
+        draw_query = getattr(defense, "draw_query", None)
+        return defense.apply(x, draw_query(x) if callable(draw_query) else defense.draw(x, 1))[0]
 
     probe = torch.zeros(1, 3, FACE_SIZE, FACE_SIZE, requires_grad=True)
     with torch.enable_grad():

@@ -271,7 +271,7 @@ def target_checks(rows: List[Dict[str, Any]], targets: Dict[str, Any], head: str
 
 def query_groups(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Defenses whose test-time queries are the same masking function (same public structure at k=1: transform,
-    grid, kept channels, shuffle, channel mix, sign flip, noise, channel subsets), among which at least one mixes faces in
+    grid, kept channels, shuffle, channel mix, sign flip, noise, channel subsets, query-time pool mixing), among which at least one mixes faces in
     training: MixUp and a policy act on training releases only, so those rows' query columns can differ only
     by noise. Built from each row's victim-defense record (the attacks' results); rows without one are left out."""
     from ..defenses.io import build_defense
@@ -286,7 +286,8 @@ def query_groups(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         except Exception:   # a defense this code cannot rebuild from its config alone: not grouped
             continue
         sig = (s.transform, getattr(s.bdct, "u", None), tuple(s.kept or ()), s.shuffle, s.channel_mix, s.sign_flip,
-               s.noise, getattr(s, "subset", None), getattr(s, "subset_keys", None))
+               s.noise, getattr(s, "subset", None), getattr(s, "subset_keys", None), getattr(s, "query_k", 1),
+               getattr(s, "pool", None))
         groups.setdefault(sig, []).append({"label": r["label"], "mixes": bool(d.mixes), "name": d.name})
     return [{"labels": [m["label"] for m in g], "mixing": [m["label"] for m in g if m["mixes"]],
              "plain": [m["label"] for m in g if not m["mixes"]]}

