@@ -313,3 +313,19 @@ def test_one_training_step_behind_a_query_pool_defense():
     tr = AlternatingTrainer(model, head, opt, TensorDataset(x, y), d, options=TrainOptions(batch_size=8))
     out = tr.step(next(iter(tr.batches())))
     assert torch.isfinite(torch.tensor(out["loss"])) and out["k"].tolist() == [3] * 8
+
+
+def test_trainer_takes_a_batch_smaller_than_k_when_partners_come_from_the_pool():
+    from torch.utils.data import TensorDataset
+
+    from hybridmask.models import create_head, create_model
+    from hybridmask.train import AlternatingTrainer, TrainOptions
+    g = torch.Generator().manual_seed(0)
+    pool = torch.rand(8, 3, 32, 32, generator=g) * 2 - 1
+    d = create_defense("freq_mixup", k=4, query_k=4, pool=pool, seed=1)
+    x, y = torch.rand(6, 3, 32, 32, generator=g) * 2 - 1, torch.arange(6) % 3
+    model = create_model("tiny_test", stem="freq", in_chans=d.in_channels, grid=4, embedding_size=8)
+    head = create_head("cosface", 8, 3, s=16.0)
+    opt = torch.optim.SGD(list(model.parameters()) + list(head.parameters()), lr=0.01)
+    tr = AlternatingTrainer(model, head, opt, TensorDataset(x, y), d, options=TrainOptions(batch_size=2))
+    assert tr.step(next(iter(tr.batches())))["images"] == 2

@@ -343,8 +343,9 @@ class AlternatingTrainer(CheckpointMixin):
         return DataLoader(dataset, batch_sampler=self.sampler, generator=self._loader_gen, **kw)
 
     def _check_batch_vs_k(self) -> None:
-        """Partners come from the (per-process) batch: the largest k must fit in it."""
-        if self.batch_size is None:
+        """Partners come from the (per-process) batch: the largest k must fit in it (not when they come from a
+        public pool)."""
+        if self.batch_size is None or getattr(getattr(self.defense, "mask", None), "pool", None) is not None:
             return
         ks = [int(self.defense.max_k)] + (list(self.policy.k_values) if self.policy is not None else [])
         if max(ks) > self.batch_size:
