@@ -7,9 +7,15 @@ CelebA faces, SFace as the judge (no loss uses it), against three PPFR-FD query 
 (c) (b) plus ``subset=95`` (each face keeps a secret random 95 of the 189 kept channels).
 
 Each row: the masked view (``defense.as_image(query)``) and the ``gram`` reconstruction, scored by
-:class:`hybridmask.attacks.harness.JudgedVictims`.
+:class:`hybridmask.attacks.harness.JudgedVictims`: the decoder alone, ``--procrustes`` + the per-face
+Procrustes key estimate, ``--pooled`` + the pooled client-key estimate over the victims' queries and
+``--client-queries`` other queries of the same client (rows with a client key; with a subset also without
+filling the dropped rows from the decoder). One fit serves every variant. With ``--procrustes``/``--pooled``
+the key error ``|R - K^T|_F / |K|_F`` against the victim's true key is reported beside it (read from the
+defense after the attack, for the report only; per face: the mean over the victims).
 
     OMP_NUM_THREADS=1 nice -n 15 python scripts/gram_attack_probe.py [--out docs/attacks/gram_probe] [--epochs 4]
+        [--rows b,c --procrustes --pooled --client-queries 256]
 
 Writes ``<out>.json`` and ``<out>.md`` (``--render-only`` rewrites the Markdown from the JSON).
 """
@@ -34,6 +40,35 @@ def pct(v: float) -> str:
     return f"{100 * v:.1f} %"
 
 
+VARIANTS = (("masked view", "masked_view"), ("gram: decoder", "gram"),
+            ("gram: decoder + per-face Procrustes key estimate", "gram_procrustes"),
+            ("gram: decoder + pooled client key ({q} client queries)", "gram_pooled"),
+            ("gram: decoder + pooled client key, dropped rows not filled", "gram_pooled_nofill"))
+
+
+def true_key(defense) -> torch.Tensor:
+    """The victim client's ``K`` (``Z = K X`` after the public unmix): the orthogonal mix times the permutation
+    (the harness's view, for the report only)."""
+    key = defense.client_key()
+    parts = key if isinstance(key, dict) else {"perm": key}
+    c = len(defense.structure().kept)
+    k = torch.eye(c, dtype=torch.float64)
+    if "perm" in parts:
+        k = k[parts["perm"][0]]                      # (P X)_i = X_perm[i]
+    if "orthogonal" in parts:
+        k = parts["orthogonal"].double() @ k
+    return k
+
+
+def key_error(r: torch.Tensor, k: torch.Tensor, z: torch.Tensor) -> dict:
+    """``frobenius``: ``|R - K^T|_F / |K|_F``; ``release``: ``|(R - K^T) Z_b|_F / |Z_b|_F`` (the error the estimate
+    leaves in each victim's aligned coefficients, weighted by where the release has its energy); per-face
+    estimates ``(B, C, C)``: the mean over the victims. ``z``: the victims' releases after the public unmix."""
+    zz = z.double().reshape(z.shape[0], z.shape[1], -1)
+    return {"frobenius": float((torch.linalg.matrix_norm(r - k.T) / torch.linalg.matrix_norm(k)).mean()),
+            "release": float((torch.linalg.matrix_norm((r - k.T) @ zz) / torch.linalg.matrix_norm(zz)).mean())}
+
+
 def render(out: Path) -> None:
     doc = json.loads(out.with_suffix(".json").read_text())
     meta, rows = doc["meta"], doc["rows"]
@@ -47,28 +82,43 @@ def render(out: Path) -> None:
              f"planes of the Gram (u=1, 14x14 grid). Judge: SFace (`JudgedVictims`); no loss uses it. "
              f"{a['threads']} torch thread, niced, on a 2-core machine shared with a running benchmark "
              f"(times are wall-clock). Written by `scripts/gram_attack_probe.py`.", "",
-             "| release | what | SSIM | identity similarity | rank-1 | rank-5 | seconds |",
-             "|---|---|---|---|---|---|---|"]
+             "| release | what | SSIM | identity similarity | rank-1 | rank-5 | key error (matrix / release) | seconds |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in meta["references"]:
         s = r["scores"]
         lines.append(f"| - | {r['what']} | {s['ssim']:.3f} | {s['identity_similarity']:.3f} | {pct(s['rank1'])} | "
-                     f"{pct(s['rank5'])} | |")
+                     f"{pct(s['rank5'])} | | |")
     for r in rows:
-        for what, key in (("masked view", "masked_view"), ("gram: decoder", "gram"),
-                          ("gram: decoder + Procrustes key estimate", "gram_procrustes")):
+        for what, key in VARIANTS:
             if key not in r:
                 continue
             s = r[key]
-            sec = f"{r['seconds']:.0f}" if key == "gram" else ""
-            lines.append(f"| {r['label']} | {what} | {s['ssim']:.3f} | {s['identity_similarity']:.3f} | "
-                         f"{pct(s['rank1'])} | {pct(s['rank5'])} | {sec} |")
-    with_p = [r["key"] for r in rows if "gram_procrustes" in r]
-    without = [r["key"] for r in rows if "gram_procrustes" not in r]
-    if with_p and without:
-        lines += ["", f"*decoder + Procrustes* (`project='procrustes'`, the same fitted decoder, then each face's key estimated "
-                      f"by orthogonal Procrustes against the decoder's prediction) was scored for ({'), ('.join(with_p)}) in "
-                      f"a later run with the same seeds, whose decoder rows reproduced the first run's; not for "
-                      f"({'), ('.join(without)}) (the probe's 10-minute budget)."]
+            sec = {"gram": r.get("seconds"), "gram_pooled": r.get("pooled_seconds")}.get(key)
+            kerr = r.get("key_error", {}).get(key)
+            if r.get("note") and key.startswith("gram_pooled"):
+                what += " (see note)"
+            lines.append(f"| {r['label']} | {what.format(q=r.get('client_queries'))} | {s['ssim']:.3f} | "
+                         f"{s['identity_similarity']:.3f} | {pct(s['rank1'])} | {pct(s['rank5'])} | "
+                         f"{'' if kerr is None else '%.3f / %.3f' % (kerr['frobenius'], kerr['release'])} | "
+                         f"{'' if sec is None else f'{sec:.0f}'} |")
+    lines += ["", "*key error* (read after the attack from the victim client's true key `K`, for this report only; "
+                  "per face: the mean over the victims): `|R - K^T|_F / |K|_F` (1.41 for an unrelated orthogonal matrix) / "
+                  "`|(R - K^T) Z|_F / |Z|_F`, the relative error left in the victims' aligned coefficients (weighted by "
+                  "where the release has its energy). *seconds*: decoder row = fit + observe + decode, wall-clock; pooled row = its "
+                  "extra time (decoding the client's traffic, the estimate)."]
+    pooled = [r for r in rows if "gram_pooled" in r]
+    if pooled:
+        lines += ["", "*pooled client key*: one rotation `R = polar(sum_i X_pred,i Z_i^T)` for the client, from the 32 "
+                      "victims' queries and the client's other queries, which the same defense released (simulated with "
+                      f"{pooled[0]['report'].get('traffic_faces')}, drawn with replacement and mirrored; their clean "
+                      "pictures are never read); with a subset, then alternated with each face's dropped rows "
+                      "(`subset_iters`) and the dropped rows filled from the decoder (`subset_fill`)."]
+    notes = [f"({r['key']}) {r['note']}" for r in rows if r.get("note")]
+    if notes:
+        lines += [""] + notes
+    bare = [r["key"] for r in rows if "gram_procrustes" not in r]
+    if bare:
+        lines += ["", f"Row ({'), ('.join(bare)}): only the decoder was scored (an earlier run of this script, same seeds)."]
     lines += ["", "Decoder training L1 per epoch (the attacker's own faces): " +
               "; ".join(f"({r['key']}) " + ", ".join(f"{v:.3f}" for v in r["train_l1"]) for r in rows), ""]
     out.with_suffix(".md").write_text("\n".join(lines))
@@ -83,7 +133,8 @@ def main(argv=None) -> int:
     p.add_argument("--victims", type=int, default=32)
     p.add_argument("--distractors", type=int, default=100)
     p.add_argument("--public", type=int, default=1000)
-    p.add_argument("--n-images", type=int, default=1000)
+    p.add_argument("--n-images", type=int, default=800,
+                   help="public faces the decoder trains on (the rest of --public simulate the client's traffic)")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--principal", type=int, default=16)
@@ -91,6 +142,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--procrustes", action="store_true",
                    help="also score project='procrustes' (the same fitted decoder, then the key estimated per face)")
+    p.add_argument("--pooled", action="store_true",
+                   help="also score the pooled client-key estimate (rows whose defense has one rotation per client)")
+    p.add_argument("--client-queries", type=int, default=256)
     p.add_argument("--render-only", action="store_true")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -101,6 +155,7 @@ def main(argv=None) -> int:
     from hybridmask.attacks import create_attack
     from hybridmask.attacks.base import batched
     from hybridmask.attacks.data import build_attack_data
+    from hybridmask.attacks.gram import public_planes
     from hybridmask.attacks.harness import JudgedVictims
     from hybridmask.defenses import create_defense
 
@@ -122,22 +177,40 @@ def main(argv=None) -> int:
         defense = create_defense("ppfrfd", seed=1000 + i, **kw)      # the victims' client, its own secrets
         masked = batched(lambda x: defense.as_image(defense.query(x)).clamp(-1, 1), data.victims)
         atk = create_attack("gram", n_images=args.n_images, epochs=args.epochs, width=args.width,
-                            principal=args.principal, seed=args.seed + i, progress=False)
+                            principal=args.principal, seed=args.seed + i, progress=False,
+                            client_queries=args.client_queries)
         atk.fit(defense, data.public)
-        queries = atk.observe(defense, data.victims)
-        recon = atk.reconstruct(queries)
+        obs = atk.observe(defense, data.victims)     # + the client's traffic where the key is pooled
+        recon = atk.reconstruct(obs)
         sec = time.time() - ta
-        aligned = atk.reconstruct(queries, "procrustes") if args.procrustes else None
         row = {"key": key, "label": label, "config": defense.config, "masked_view": judge.score(masked),
                "gram": judge.score(recon), "seconds": sec, "train_l1": atk.report()["train_l1"],
-               "report": {k: v for k, v in atk.report().items() if k != "train_l1"}}
-        if aligned is not None:
+               "report": {k: v for k, v in atk.report().items() if k != "train_l1"}, "key_error": {}}
+        kt = true_key(defense) if defense.client_key() is not None else None
+        z = public_planes(obs["queries"], defense.structure().channel_mix)
+        aligned = pooled = None
+        if args.procrustes:
+            aligned = atk.reconstruct(obs, "procrustes", key_estimate="face")
             row["gram_procrustes"] = judge.score(aligned)
+            if kt is not None:
+                row["key_error"]["gram_procrustes"] = key_error(atk.last_rotation, kt, z)
+        if args.pooled and atk.key_mode == "client":
+            tp = time.time()
+            pooled = atk.reconstruct(obs, "procrustes", key_estimate="client")
+            row["pooled_seconds"] = time.time() - tp
+            row["client_queries"] = 0 if obs["traffic"] is None else int(obs["traffic"].shape[0])
+            row["gram_pooled"] = judge.score(pooled)
+            if kt is not None:
+                row["key_error"]["gram_pooled"] = key_error(atk.last_rotation, kt, z)
+            if defense.structure().subset is not None:
+                row["gram_pooled_nofill"] = judge.score(atk.reconstruct(obs, "procrustes", key_estimate="client",
+                                                                        subset_fill=False))
         rows.append(row)
-        print(f"({key}) {label}: gram SSIM {row['gram']['ssim']:.3f} rank-1 {pct(row['gram']['rank1'])} | masked view "
-              f"SSIM {row['masked_view']['ssim']:.3f} rank-1 {pct(row['masked_view']['rank1'])} | {sec:.0f} s", flush=True)
-        torch.save({"recon": recon[:8].clone(), "aligned": None if aligned is None else aligned[:8].clone()},
-                   f"/tmp/gram_probe_recon_{key}.pt")
+        print(f"({key}) {label}: " + " | ".join(f"{k} SSIM {row[k]['ssim']:.3f} rank-1 {pct(row[k]['rank1'])}"
+                                                for _, k in VARIANTS if k in row)
+              + f" | key error {row['key_error']} | {sec:.0f} s", flush=True)
+        torch.save({"recon": recon[:8].clone(), "aligned": None if aligned is None else aligned[:8].clone(),
+                    "pooled": None if pooled is None else pooled[:8].clone()}, f"/tmp/gram_probe_recon_{key}.pt")
     meta = {"args": vars(args), "data": data.info, "n_public": int(data.public.shape[0]),
             "chance": refs[0]["scores"]["chance"], "references": refs, "total_seconds": time.time() - t0}
     out.parent.mkdir(parents=True, exist_ok=True)
