@@ -202,6 +202,14 @@ def test_target_checks_report_met_and_not_met():
     far = [dict(rows[0], verification={"lfw": {"accuracy": 0.91}}), rows[3]]             # gap 2.5 points
     assert "- **not met**" in B.target_checks(far, targets, "cgan_whitebox")[0]
     assert B.target_checks([rows[0]], targets, "cgan_whitebox") == ["No defense has role `adaptive`: no target checks."]
+    # adaptive and k=4 releasing the same test-time query: a Score_pp "win" is noise and says so
+    from hybridmask.defenses import create_defense
+    vd = {"config": create_defense("freq_mixup", k=4, seed=0).config}
+    same = [dict(r, attacks=dict(r.get("attacks") or {}, victim_defense=vd)) for r in rows]
+    k4 = _row("k=4", "fixed_k", 0.88, 0.05, 0.3, 0.83)                # now below adaptive on both axes: "met"
+    same[2] = dict(k4, attacks=dict(k4["attacks"], victim_defense=vd))
+    noisy = "\n".join(B.target_checks(same, targets, "cgan_whitebox"))
+    assert "than k=4 at equal or better accuracy" in noisy and "met only by noise" in noisy
 
 
 def _att(rank1, idsim, ssim=0.3, spp=0.8, mixed=None, seconds=10.0):

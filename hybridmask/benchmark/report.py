@@ -255,6 +255,7 @@ def target_checks(rows: List[Dict[str, Any]], targets: Dict[str, Any], head: str
     subject = (by_role.get(subj_role) or [None])[0] if subj_role else None
     if subject is None:
         return [f"No defense has role `{subj_role}`: no target checks."]
+    same_query = {frozenset(g["labels"]) for g in query_groups(rows)}
     out = []
     for check in targets.get("checks") or []:
         ref = check["value"]
@@ -265,7 +266,13 @@ def target_checks(rows: List[Dict[str, Any]], targets: Dict[str, Any], head: str
                 continue
             ok = all(p[0] for p in parts)
             label = check["label"].replace("{other}", other["label"] if other else "")
-            out.append(f"- {label}: {'; '.join(p[1] for p in parts)} - **{'met' if ok else 'not met'}**.")
+            verdict = "met" if ok else "not met"
+            # a query-attack comparison between two defenses with the same test-time query measures noise
+            if (ok and other is not None and str(check.get("metric", "")).startswith("attack.")
+                    and any({subject["label"], other["label"]} <= g for g in same_query)):
+                verdict = ("met only by noise: both release the same test-time query, so the attack columns "
+                           "cannot tell them apart")
+            out.append(f"- {label}: {'; '.join(p[1] for p in parts)} - **{verdict}**.")
     return out
 
 
