@@ -36,18 +36,25 @@ def add_arguments(p: argparse.ArgumentParser, config: str = "configs/benchmark.y
     p.add_argument("--quiet", action="store_true", help="no progress bars (stage lines still print)")
 
 
-def run(args: argparse.Namespace) -> int:
-    from .runner import Benchmark
+def execute(make_runner, args: argparse.Namespace) -> Optional[object]:
+    """The common run of ``benchmark`` and ``frontier``: check the options, build the runner
+    (``make_runner()``), print the plan (``--dry-run``, returns None) or run it with ``--threads``."""
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.busy_seconds < 0:
         raise ValueError(f"--busy-seconds must be >= 0, got {args.busy_seconds}")
-    bm = Benchmark(load_benchmark(args.config, args.budget), args)
+    runner = make_runner()
     if args.dry_run:
-        bm.print_plan()
-        return 0
+        runner.print_plan()
+        return None
     torch.set_num_threads(args.threads)
-    bm.run()
+    runner.run()
+    return runner
+
+
+def run(args: argparse.Namespace) -> int:
+    from .runner import Benchmark
+    execute(lambda: Benchmark(load_benchmark(args.config, args.budget), args), args)
     return 0
 
 
@@ -56,4 +63,4 @@ def main(argv: Optional[List[str]] = None) -> int:
     return cli_main(["benchmark"] + list(sys.argv[1:] if argv is None else argv))
 
 
-__all__ = ["add_arguments", "run", "main"]
+__all__ = ["add_arguments", "run", "execute", "main"]

@@ -462,19 +462,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    if args.busy_seconds < 0:
-        raise ValueError(f"--busy-seconds must be >= 0, got {args.busy_seconds}")
-    fr = Frontier(load_sweep(args.config, args.budget), args)
-    if args.dry_run:
-        fr.print_plan()
-        return 0
-    torch.set_num_threads(args.threads)
+    from .cli import execute
     t = time.time()
-    fr.run()
-    fr.log(f"frontier done in {(time.time() - t) / 60:.1f} min")
+    fr = execute(lambda: Frontier(load_sweep(args.config, args.budget), args), args)
+    if fr is not None:
+        fr.log(f"frontier done in {(time.time() - t) / 60:.1f} min")
     return 0
 
 
