@@ -172,6 +172,11 @@ class Defense(nn.Module):
         check_images(images)
         return self.apply(images, self.draw(images, k))
 
+    def public_pool(self) -> Optional[torch.Tensor]:
+        """The public faces this defense mixes partners from, (N, 3, H, W) in [-1, 1], or None (partners, if
+        any, come from the batch)."""
+        return None
+
     def draw_query(self, images: torch.Tensor) -> Draw:
         """The secrets of one test-time query of ``images``: ``draw(images, 1)`` (each face alone) unless a defense
         mixes its queries (``query_k > 1``: pool partners and weights too)."""
@@ -365,6 +370,9 @@ class MaskDefense(Defense):
         if not self.mixes or (k is not None and bool((torch.as_tensor(k) == 1).all())):
             return self.mask.face_draw(images.shape[0])
         return self.mask.draw(images, k)
+
+    def public_pool(self):
+        return self.mask.pool
 
     def draw_query(self, images):
         """Each face's own secrets (``query_k=1``: exactly ``draw(images, 1)``) and, with ``query_k >= 2``, its

@@ -413,7 +413,7 @@ def _model_start(model, model_cfg: Dict[str, Any]) -> Dict[str, Any]:
 def _pool_embeddings(defense, cache) -> Optional[torch.Tensor]:
     """The teacher's embeddings of the defense's public pool (None without one): a release that mixes pool
     partners distils towards their weighted embeddings too."""
-    pool = getattr(getattr(defense, "mask", None), "pool", None)
+    pool = defense.public_pool()
     if pool is None:
         return None
     from ..models.teacher import load_teacher

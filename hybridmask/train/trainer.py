@@ -202,9 +202,7 @@ class AlternatingTrainer(CheckpointMixin):
         self.distill = distill
         if distill is not None and not callable(getattr(distill, "target", None)):
             raise TypeError("distill must be a hybridmask.train.distill.Distillation")
-        pool = getattr(defense, "pool", None)
-        pool = getattr(getattr(defense, "mask", None), "pool", None) if pool is None else pool
-        if distill is not None and pool is not None and distill.pool_emb is None:
+        if distill is not None and defense.public_pool() is not None and distill.pool_emb is None:
             raise ValueError("the defense mixes partners from a public pool: give Distillation(pool_emb=...) the "
                              "teacher's embeddings of the pool's faces (e.g. load_teacher(spec)(pool)), so a "
                              "mix's target includes its pool partners")
@@ -345,7 +343,7 @@ class AlternatingTrainer(CheckpointMixin):
     def _check_batch_vs_k(self) -> None:
         """Partners come from the (per-process) batch: the largest k must fit in it (not when they come from a
         public pool)."""
-        if self.batch_size is None or getattr(getattr(self.defense, "mask", None), "pool", None) is not None:
+        if self.batch_size is None or self.defense.public_pool() is not None:
             return
         ks = [int(self.defense.max_k)] + (list(self.policy.k_values) if self.policy is not None else [])
         if max(ks) > self.batch_size:
