@@ -52,3 +52,16 @@ def celeba16(faces_root):
     paths = [p for y in ids for p in sorted(by_label[y])[:4]]
     labels = torch.tensor([i for i in range(len(ids)) for _ in range(4)])
     return load_uint8(paths, progress=False), labels
+
+
+@pytest.fixture(scope="session")
+def small_faces_root(faces_root, tmp_path_factory) -> Path:
+    """A data root with 10 CelebA identities (symlinks; ARL loads every CelebA identity) and the real LFW / CFP,
+    for the tiny-budget benchmark and frontier runs (read-only: shared by every test of the session)."""
+    dst = tmp_path_factory.mktemp("small_faces")
+    (dst / "celeba_112").mkdir(parents=True)
+    for d in sorted(p for p in (faces_root / "celeba_112").iterdir() if p.is_dir())[:10]:
+        (dst / "celeba_112" / d.name).symlink_to(d.resolve(), target_is_directory=True)
+    for name in ("lfw_112", "cfp_112"):
+        (dst / name).symlink_to((faces_root / name).resolve(), target_is_directory=True)
+    return dst

@@ -319,25 +319,15 @@ def test_report_renders_attack_release_and_linkage_columns_and_times(tmp_path):
 ONLY = "unprotected,fixed_k2,dctdp,arl,adaptive"
 
 
-def _small_root(faces_root: Path, dst: Path) -> Path:
-    """A data root with 10 CelebA identities (symlinks; ARL loads every CelebA identity) and the real LFW/CFP."""
-    (dst / "celeba_112").mkdir(parents=True)
-    for d in sorted(p for p in (faces_root / "celeba_112").iterdir() if p.is_dir())[:10]:
-        (dst / "celeba_112" / d.name).symlink_to(d.resolve(), target_is_directory=True)
-    for name in ("lfw_112", "cfp_112"):
-        (dst / name).symlink_to((faces_root / name).resolve(), target_is_directory=True)
-    return dst
-
-
 def _invoke(root: Path, out: Path, *extra: str) -> int:
     return cli_main(["benchmark", "--budget", "tiny", "--data", str(root), "--out-dir", str(out), "--defense-seed", "3",
                      "--override", "run.mask_seed=1", "--quiet", *extra])
 
 
 @pytest.fixture(scope="module")
-def tiny_bench(faces_root, tmp_path_factory):
+def tiny_bench(small_faces_root, tmp_path_factory):
     base = tmp_path_factory.mktemp("bench")
-    root = _small_root(faces_root, base / "data")
+    root = small_faces_root
     out = base / "out"
     assert _invoke(root, out, "--only", ONLY) == 0
     return root, out

@@ -207,17 +207,7 @@ def test_table_and_figure_from_a_handmade_payload(tmp_path):
 
 
 # ---- a tiny sweep end to end (real faces) ------------------------------------------------------------------------
-def _small_root(faces_root: Path, dst: Path) -> Path:
-    """A data root with 10 CelebA identities (symlinks) and the real LFW / CFP."""
-    (dst / "celeba_112").mkdir(parents=True)
-    for d in sorted(p for p in (faces_root / "celeba_112").iterdir() if p.is_dir())[:10]:
-        (dst / "celeba_112" / d.name).symlink_to(d.resolve(), target_is_directory=True)
-    for name in ("lfw_112", "cfp_112"):
-        (dst / name).symlink_to((faces_root / name).resolve(), target_is_directory=True)
-    return dst
-
-
-def test_tiny_sweep_end_to_end_and_a_second_invocation_reuses_everything(faces_root, tmp_path, capsys):
+def test_tiny_sweep_end_to_end_and_a_second_invocation_reuses_everything(small_faces_root, tmp_path, capsys):
     # a base benchmark with fewer attacks (the pipeline is the benchmark's: tested there with all of them)
     bench = yaml.safe_load((CONFIGS / "benchmark.yaml").read_text())
     for d in bench["defenses"]:
@@ -230,7 +220,7 @@ def test_tiny_sweep_end_to_end_and_a_second_invocation_reuses_everything(faces_r
     p = _sweep_file(tmp_path, [{"key": "p", "label": "PPFR-FD", "config": "celeba_ppfrfd.yaml",
                                 "variants": [{"defense.args.drop": "low5"}, {"defense.args.drop": "dc"}]}],
                     defenses=["ppfrfd"], bench=tmp_path / "bench.yaml")
-    root = _small_root(faces_root, tmp_path / "data")
+    root = small_faces_root
     out = tmp_path / "out"
     argv = ["frontier", "--config", str(p), "--budget", "tiny", "--data", str(root), "--out-dir", str(out),
             "--defense-seed", "3", "--override", "run.mask_seed=1", "--quiet", "--threads", "1"]
