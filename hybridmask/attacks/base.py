@@ -283,6 +283,15 @@ def check_defense(defense) -> None:
                             f"got {type(defense).__name__}")
 
 
+def client_traffic(defense, faces: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` other queries of the victims' client (same defense object, so the same client key): faces drawn
+    with replacement from ``faces`` (faces the attacker owns), mirrored, released through ``defense.query``.
+    The draw uses a generator seeded from ``generator`` (one draw of it), so the attack's own stream moves by one."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    idx = torch.randint(0, faces.shape[0], (int(n),), generator=g)
+    return batched(defense.query, faces[idx].flip(-1))
+
+
 def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """Apply ``fn`` to ``x`` in chunks and concatenate (no gradients; results stay where ``fn`` puts them)."""
     return run_in_batches(fn, x, batch_size, out_device=None)

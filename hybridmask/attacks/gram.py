@@ -72,7 +72,7 @@ import torch
 import torch.nn.functional as F
 
 from . import algebra
-from .base import (FACE_SIZE, Attack, Param, batched, check_defense, check_faces, iterate_minibatches,
+from .base import (FACE_SIZE, Attack, Param, batched, check_defense, check_faces, client_traffic, iterate_minibatches,
                    register_attack, tqdm_or_none)
 from .nets import UNetGenerator
 
@@ -367,9 +367,7 @@ class GramAttack(Attack):
         check_faces(victim_images, "victim_images")
         obs = {"queries": batched(defense.query, victim_images), "traffic": None}
         if getattr(self, "key_mode", None) == "client" and self.params["client_queries"]:
-            g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=self.generator)))
-            idx = torch.randint(0, self.traffic_pool.shape[0], (self.params["client_queries"],), generator=g)
-            obs["traffic"] = batched(defense.query, self.traffic_pool[idx].flip(-1))
+            obs["traffic"] = client_traffic(defense, self.traffic_pool, self.params["client_queries"], self.generator)
         return obs
 
     def invert(self, observation):

@@ -31,7 +31,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from .assignment import assign, fit_plane_classifier, slot_log_probs, unshuffle
-from .base import Param, batched, check_defense, check_faces, register_attack
+from .base import Param, batched, check_defense, check_faces, client_traffic, register_attack
 from .refine import RECONSTRUCTION_PARAMS, BDCTReconstruction, Refiner
 
 
@@ -127,9 +127,7 @@ class StructureAttack(BDCTReconstruction):
         check_faces(victim_images, "victim_images")
         obs = {"queries": batched(defense.query, victim_images), "traffic": None}
         if self.assignment == "key" and self.params["client_queries"]:
-            g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=self.generator)))
-            idx = torch.randint(0, self.pool.shape[0], (self.params["client_queries"],), generator=g)
-            obs["traffic"] = batched(defense.query, self.pool[idx].flip(-1))
+            obs["traffic"] = client_traffic(defense, self.pool, self.params["client_queries"], self.generator)
         return obs
 
     def invert(self, observation):
