@@ -65,3 +65,12 @@ def small_faces_root(faces_root, tmp_path_factory) -> Path:
     for name in ("lfw_112", "cfp_112"):
         (dst / name).symlink_to((faces_root / name).resolve(), target_is_directory=True)
     return dst
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: training loops of thousands of tiny ops avoid sync stalls on a busy box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -15,15 +15,6 @@ from hybridmask.policy import (CONTEXT_DIM, K_VALUES, FixedKPolicy, LagrangianRe
 from hybridmask.utils import HybridMaskInputError, atomic_save, safe_torch_load
 
 
-@pytest.fixture
-def one_thread():
-    # the training loops below are thousands of tiny ops: one thread avoids sync stalls on a busy box
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ----------------------------------------------------------------------------------------------
 # context features
 # ----------------------------------------------------------------------------------------------

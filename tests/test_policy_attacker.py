@@ -23,14 +23,6 @@ from hybridmask.utils import HybridMaskInputError, atomic_save, safe_torch_load
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def smooth_faces(n, g, size=112):
     """Random smooth colour images in [-1, 1] (enough structure for a decoder to learn)."""
     low = torch.rand(n, 3, 6, 6, generator=g) * 2 - 1
