@@ -14,7 +14,12 @@ Starts (each overridable with ``--set START:KEY=VALUE``):
 * ``initialised``: the ``sface`` backbone (SFace's weights, first conv swapped for the release's stem),
   cosine loss to SFace's embeddings only (FaceLinkGen's recipe), AdamW at a fine-tuning learning rate.
 
-Grids: ``--grids 1,2,4,8`` (the BDCT upsampling u: 14x14, 28x28, 56x56, 112x112 grids).
+Grids: ``--grids 1,2,4,8`` (the BDCT upsampling u: 14x14, 28x28, 56x56, 112x112 grids). Initialised rows enter
+SFace where its own maps have the grid's size (``INIT_STEM_AT``: u=8 replaces the first conv, u=1 enters at
+``conv_7_conv2d``, 14x14), so a small grid also skips SFace's high-resolution layers.
+
+``--jobs 2 --threads 1`` trains two rows side by side (each its own CPU core: CPU-minutes stay comparable);
+``--reuse`` keeps a row whose run folder holds a finished run with the same overrides (``row.json``).
 
     python scripts/accuracy_per_cpu_minute.py --grids 1,8 --steps 200 --batch-size 32 --eval-every 50
 
@@ -40,6 +45,9 @@ STARTS = {
                     "teacher.weight=1.0", "teacher.margin=false", "optim.name=adamw", "optim.lr=0.0005",
                     "optim.weight_decay=0.0001", "optim.warmup_steps=10"],
 }
+# where the release enters SFace when initialised: the conv whose input maps have the grid's size (u=8: the
+# first conv, 112x112; u=4: 56x56; u=2: 28x28; u=1: 14x14), so a smaller grid also skips SFace's costliest layers
+INIT_STEM_AT = {1: "conv_7_conv2d", 2: "conv_5_conv2d", 4: "conv_3_conv2d", 8: None}
 JUDGE_NOTE = {"distilled": "distilled from SFace (the privacy judge)",
               "initialised": "initialised from SFace (the privacy judge)"}
 
@@ -76,7 +84,7 @@ def render(out: Path) -> None:
              f"Defense: `{a['config']}`{' with ' + ', '.join(a['set_all']) if a['set_all'] else ''}; {a['steps']} steps of "
              f"{a['batch_size']} CelebA faces per row; LFW on {a['eval_pairs']} evenly spaced pairs every "
              f"{a['eval_every']} steps; CPU-minutes = the run's own training time (evaluation excluded) x "
-             f"{a['threads']} torch threads. Written by `scripts/accuracy_per_cpu_minute.py`; teacher's own LFW "
+             f"its torch threads ({a['threads']} per row, {a.get('jobs', 1)} row(s) side by side). Written by `scripts/accuracy_per_cpu_minute.py`; teacher's own LFW "
              f"(SFace, full protocol): 99.40 %.", "",
              "| grid (u) | start | best LFW | at CPU-min | CPU-min to 95 % | CPU-min to 98 % | final LFW | CPU-min total | note |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -89,7 +97,9 @@ def render(out: Path) -> None:
         lines.append(f"| {r['grid']} (u={r['u']}) | {r['start']} | {100 * best[1]:.2f} % | {best[0]:.1f} | "
                      f"{minutes_to(pts, 0.95)} | {minutes_to(pts, 0.98)} | {100 * pts[-1][1]:.2f} % | {pts[-1][0]:.1f} | "
                      f"{JUDGE_NOTE.get(r['start'], '')} |")
-    lines += ["", "Curves (CPU-minutes: LFW %):", ""]
+    lines += ["", "Initialised rows enter SFace where its maps have the grid's size: " + ", ".join(
+        f"u={u}: {c or 'the first conv (conv_1_conv2d)'}" for u, c in INIT_STEM_AT.items()) + ".",
+              "", "Curves (CPU-minutes: LFW %):", ""]
     for r in rows:
         lines.append(f"- u={r['u']} {r['start']}: " + ", ".join(f"{p[0]:.1f}: {100 * p[1]:.1f}" for p in r["curve"]))
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -134,6 +144,8 @@ def main(argv=None) -> int:
     p.add_argument("--runs-dir", default="outputs/accuracy_per_cpu_minute")
     p.add_argument("--out", default="docs/accuracy_per_cpu_minute")
     p.add_argument("--render-only", action="store_true")
+    p.add_argument("--jobs", type=int, default=1, help="rows trained side by side (give each --threads 1)")
+    p.add_argument("--reuse", action="store_true", help="keep finished rows trained with the same overrides")
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.render_only:
@@ -152,36 +164,66 @@ def main(argv=None) -> int:
             per_start[head].append(rest)
         else:
             set_all.append(item)
-    rows = []
+    plan = []
     for u in us:
         for start in starts:
             name = f"u{u}_{start}"
+            grid_args = ([f"model.args={{stem_at: {INIT_STEM_AT[u]}}}"] if start == "initialised" and INIT_STEM_AT[u]
+                         else [])
             overrides = [f"run.name={name}", f"run.out_dir={args.runs_dir}", f"run.threads={args.threads}",
                          "run.resume=null", "run.progress=false", f"defense.args.u={u}",
                          f"data.train={Path(args.data) / 'celeba_112'}", f"eval.data_root={args.data}",
                          f"data.batch_size={args.batch_size}", f"train.steps={args.steps}",
                          f"eval.every={args.eval_every}", f"eval.pairs={args.eval_pairs}", "eval.targets=[lfw]",
                          "eval.final=false", f"train.log_every={args.eval_every}", "train.ckpt_every=0",
-                         "train.utility_every=0"] + STARTS[start] + set_all + per_start[start]
+                         "train.utility_every=0"] + STARTS[start] + grid_args + set_all + per_start[start]
+            plan.append((u, start, name, overrides))
+    results = {}
+
+    def run_row(item):
+        u, start, name, overrides = item
+        run_dir = REPO / args.runs_dir / name
+        res_path, row_path = run_dir / "results.json", run_dir / "row.json"
+        # threads do not change what a row computes, only its speed (recorded per row below)
+        same = [o for o in overrides if not o.startswith("run.threads=")]
+        row = {"u": u, "grid": 14 * u, "start": start, "overrides": overrides, "threads": args.threads}
+        reused = (args.reuse and res_path.is_file() and row_path.is_file()
+                  and json.loads(row_path.read_text()).get("overrides_without_threads") == same)
+        if reused:
+            row.update(json.loads(row_path.read_text()).get("row", {}), reused=True)
+            print(f"u={u} {start}: reused {run_dir}", flush=True)
+        else:
             cmd = [sys.executable, "-m", "hybridmask", "train", "--config", args.config] + overrides
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
             t0 = time.time()
             proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-            row = {"u": u, "grid": 14 * u, "start": start, "overrides": overrides, "wall_seconds": time.time() - t0}
-            res_path = REPO / args.runs_dir / name / "results.json"
+            row["wall_seconds"] = time.time() - t0
             if proc.returncode != 0 or not res_path.is_file():
                 row.update(curve=[], error=(proc.stderr.strip().splitlines() or ["no results.json"])[-1][:300])
                 print(f"u={u} {start}: FAILED {row['error']}", flush=True)
-            else:
-                res = json.loads(res_path.read_text())
-                row.update(curve=curve(res, args.batch_size, args.threads), images_per_second=res.get("images_per_second"),
-                           model_start=res.get("model_start"), teacher=(res.get("teacher") or {}).get("spec"))
-                for cpu_min, acc, step in row["curve"]:
-                    print(f"u={u} {start:11s} step {step:5d}: LFW {100 * acc:6.2f} % at {cpu_min:5.1f} CPU-min", flush=True)
-            rows.append(row)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.with_suffix(".json").write_text(json.dumps({"rows": rows, "args": {**vars(args), "set_all": set_all}},
-                                                           indent=2, default=str))
+                return row
+        res = json.loads(res_path.read_text())
+        row.update(curve=curve(res, args.batch_size, row["threads"]), images_per_second=res.get("images_per_second"),
+                   model_start=res.get("model_start"), teacher=(res.get("teacher") or {}).get("spec"))
+        if not reused:
+            row_path.write_text(json.dumps({"overrides_without_threads": same, "row": {
+                "threads": args.threads, "wall_seconds": row["wall_seconds"]}}, indent=2))
+        for cpu_min, acc, step in row["curve"]:
+            print(f"u={u} {start:11s} step {step:5d}: LFW {100 * acc:6.2f} % at {cpu_min:5.1f} CPU-min", flush=True)
+        return row
+
+    def write():
+        rows = [results[item[2]] for item in plan if item[2] in results]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps({"rows": rows, "args": {**vars(args), "set_all": set_all}},
+                                                       indent=2, default=str))
+
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = {pool.submit(run_row, item): item[2] for item in plan}
+        for fut in as_completed(futures):
+            results[futures[fut]] = fut.result()
+            write()
     render(out)
     return 0
 

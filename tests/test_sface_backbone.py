@@ -68,6 +68,7 @@ def test_freq_stem_keeps_sface_body_and_trains():
 
 @pytest.mark.parametrize("kw, msg", [({"embedding_size": 512}, "128-d"),
                                      ({"stem_at": ENTRY}, "stem_at"),
+                                     ({"stem_kernel": 1}, "stem_kernel"),
                                      ({"pretrained": "yes"}, "pretrained"),
                                      ({"in_chans": 1}, "RGB")])
 def test_bad_arguments_are_named(kw, msg):

@@ -82,6 +82,22 @@ def test_stem_at_enters_where_the_grid_matches(cache_dir):
         load_sface_torch(stem_at="conv_7_conv2d", cache_dir=cache_dir)
 
 
+def test_stem_kernel_one_reads_each_grid_cell_alone(cache_dir):
+    from hybridmask.models.sface_torch import load_sface_torch
+    net = load_sface_torch(normalize=False, in_channels=189, grid=28, stem_at="conv_5_conv2d", stem_kernel=1,
+                           cache_dir=cache_dir).eval()
+    assert net.stem.conv.kernel_size == (1, 1) and net.stem.conv.weight.shape == (128, 189, 1, 1)
+    x = torch.randn(1, 189, 28, 28)
+    y = x.clone()
+    y[..., 0, 0] += 5.0            # a change in one cell reaches the stem's output at that cell only
+    with torch.no_grad():
+        d = (net.stem(y) - net.stem(x)).abs().sum(1)[0]
+    assert d[0, 0] > 0 and d.flatten()[1:].abs().max() == 0
+    with pytest.raises(ValueError, match="kernel_size"):
+        load_sface_torch(normalize=False, in_channels=189, grid=28, stem_at="conv_5_conv2d", stem_kernel=0,
+                         cache_dir=cache_dir)
+
+
 def test_wrong_stem_output_is_one_clear_error(cache_dir):
     from hybridmask.models.sface_torch import load_sface_torch
     from hybridmask.utils import HybridMaskInputError

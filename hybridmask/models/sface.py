@@ -9,7 +9,8 @@ backbone of the registry, pretrained, with its first conv swapped for the releas
   (``BatchNorm2d(C) -> Conv2d(C -> 32, 3x3)`` on the release's grid, upsampled to 112x112 when the
   grid is smaller); the rest of the network keeps SFace's weights. ``stem_at`` (a conv name, e.g.
   ``"conv_7_conv2d"``) drops every layer before that conv instead, so a 14x14 release enters where
-  SFace's own maps are 14x14 (cheaper, and further from the teacher).
+  SFace's own maps are 14x14 (cheaper, and further from the teacher); ``stem_kernel`` (3) is the new
+  stem's kernel (1: each grid cell alone, ~9x cheaper, which at u=8 is most of the student's cost).
 * ``pretrained=True`` (default) loads SFace's weights into every kept layer; ``False`` keeps the
   architecture with fresh weights (a from-scratch baseline of the same network).
 
@@ -37,7 +38,7 @@ class SFaceBackbone(FRBackbone):
 
     def __init__(self, stem: str = "pixel", in_chans: int = 3, grid: int = 112, embedding_size: int = EMBEDDING_SIZE,
                  dropout: float = 0.0, pretrained: bool = True, stem_at: Optional[str] = None,
-                 upsample: str = "output"):
+                 upsample: str = "output", stem_kernel: int = 3):
         from .sface_torch import load_sface_torch
         super().__init__(stem, in_chans, grid, embedding_size)
         if embedding_size != EMBEDDING_SIZE:
@@ -49,12 +50,13 @@ class SFaceBackbone(FRBackbone):
             check_pixel_grid(grid, "sface")
             if in_chans != 3:
                 raise ValueError(f"sface with the pixel stem reads RGB (in_chans=3), got in_chans={in_chans}")
-            if stem_at is not None:
-                raise ValueError("stem_at swaps SFace's first layers for a frequency stem; it needs stem='freq'")
+            if stem_at is not None or stem_kernel != 3:
+                raise ValueError("stem_at and stem_kernel shape the frequency stem that replaces SFace's first layers; "
+                                 "they need stem='freq'")
             net = load_sface_torch(normalize=True, dropout=dropout)
         else:
             net = load_sface_torch(normalize=False, in_channels=in_chans, grid=grid, upsample=upsample, dropout=dropout,
-                                   stem_at=stem_at)
+                                   stem_at=stem_at, stem_kernel=stem_kernel)
         if not pretrained:
             for m in net.modules():
                 if m is not net and hasattr(m, "reset_parameters"):

