@@ -12,14 +12,18 @@ Starts (each overridable with ``--set START:KEY=VALUE``):
 * ``scratch``: the config's own recognizer (MobileFaceNet, frequency stem) from fresh weights, its margin loss;
 * ``distilled``: the same recognizer, plus the SFace teacher's cosine loss (``teacher.name=sface``);
 * ``initialised``: the ``sface`` backbone (SFace's weights, first conv swapped for the release's stem),
-  cosine loss to SFace's embeddings only (FaceLinkGen's recipe), AdamW at a fine-tuning learning rate.
+  cosine loss to SFace's embeddings only (FaceLinkGen's recipe), AdamW at a fine-tuning learning rate;
+* ``initialised-1x1``: the same with a 1x1 stem (``stem_kernel: 1``: at u=8 the 3x3 stem over 189 channels
+  at 112x112 costs more than the rest of SFace).
 
 Grids: ``--grids 1,2,4,8`` (the BDCT upsampling u: 14x14, 28x28, 56x56, 112x112 grids). Initialised rows enter
 SFace where its own maps have the grid's size (``INIT_STEM_AT``: u=8 replaces the first conv, u=1 enters at
 ``conv_7_conv2d``, 14x14), so a small grid also skips SFace's high-resolution layers.
 
 ``--jobs 2 --threads 1`` trains two rows side by side (each its own CPU core: CPU-minutes stay comparable);
-``--reuse`` keeps a row whose run folder holds a finished run with the same overrides (``row.json``).
+``--reuse`` keeps a row whose run folder holds a finished run with the same overrides (``row.json``), and the
+previous table's rows that this invocation does not plan (``--grids 8 --starts initialised-1x1 --reuse`` adds
+one row to the table).
 
     python scripts/accuracy_per_cpu_minute.py --grids 1,8 --steps 200 --batch-size 32 --eval-every 50
 
@@ -48,8 +52,11 @@ STARTS = {
 # where the release enters SFace when initialised: the conv whose input maps have the grid's size (u=8: the
 # first conv, 112x112; u=4: 56x56; u=2: 28x28; u=1: 14x14), so a smaller grid also skips SFace's costliest layers
 INIT_STEM_AT = {1: "conv_7_conv2d", 2: "conv_5_conv2d", 4: "conv_3_conv2d", 8: None}
+STARTS["initialised-1x1"] = STARTS["initialised"]     # the same with a 1x1 stem (STEM_KERNEL)
+STEM_KERNEL = {"initialised-1x1": 1}
 JUDGE_NOTE = {"distilled": "distilled from SFace (the privacy judge)",
-              "initialised": "initialised from SFace (the privacy judge)"}
+              "initialised": "initialised from SFace (the privacy judge)",
+              "initialised-1x1": "initialised from SFace (the privacy judge); 1x1 stem"}
 
 
 def curve(results: dict, batch_size: int, threads: int):
@@ -84,19 +91,19 @@ def render(out: Path) -> None:
              f"Defense: `{a['config']}`{' with ' + ', '.join(a['set_all']) if a['set_all'] else ''}; {a['steps']} steps of "
              f"{a['batch_size']} CelebA faces per row; LFW on {a['eval_pairs']} evenly spaced pairs every "
              f"{a['eval_every']} steps; CPU-minutes = the run's own training time (evaluation excluded) x "
-             f"its torch threads ({a['threads']} per row, {a.get('jobs', 1)} row(s) side by side). Written by `scripts/accuracy_per_cpu_minute.py`; teacher's own LFW "
+             f"its torch threads (column `thr.`; rows with 1 thread ran two side by side, one core each). Written by `scripts/accuracy_per_cpu_minute.py`; teacher's own LFW "
              f"(SFace, full protocol): 99.40 %.", "",
-             "| grid (u) | start | best LFW | at CPU-min | CPU-min to 95 % | CPU-min to 98 % | final LFW | CPU-min total | note |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| grid (u) | start | best LFW | at CPU-min | CPU-min to 95 % | CPU-min to 98 % | final LFW | CPU-min total | thr. | note |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pts = r["curve"]
         if not pts:
-            lines.append(f"| {r['grid']} (u={r['u']}) | {r['start']} | failed: {r.get('error', 'no evaluation')} | | | | | |")
+            lines.append(f"| {r['grid']} (u={r['u']}) | {r['start']} | failed: {r.get('error', 'no evaluation')} | | | | | | |")
             continue
         best = max(pts, key=lambda p: p[1])
         lines.append(f"| {r['grid']} (u={r['u']}) | {r['start']} | {100 * best[1]:.2f} % | {best[0]:.1f} | "
                      f"{minutes_to(pts, 0.95)} | {minutes_to(pts, 0.98)} | {100 * pts[-1][1]:.2f} % | {pts[-1][0]:.1f} | "
-                     f"{JUDGE_NOTE.get(r['start'], '')} |")
+                     f"{r.get('threads', a['threads'])} | {JUDGE_NOTE.get(r['start'], '')} |")
     lines += ["", "Initialised rows enter SFace where its maps have the grid's size: " + ", ".join(
         f"u={u}: {c or 'the first conv (conv_1_conv2d)'}" for u, c in INIT_STEM_AT.items()) + ".",
               "", "Curves (CPU-minutes: LFW %):", ""]
@@ -108,7 +115,7 @@ def render(out: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        styles = {"scratch": ":", "distilled": "--", "initialised": "-"}
+        styles = {"scratch": ":", "distilled": "--", "initialised": "-", "initialised-1x1": "-."}
         for r in rows:
             if r["curve"]:
                 xs, ys = [0.0] + [p[0] for p in r["curve"]], [0.5] + [p[1] for p in r["curve"]]
@@ -168,8 +175,12 @@ def main(argv=None) -> int:
     for u in us:
         for start in starts:
             name = f"u{u}_{start}"
-            grid_args = ([f"model.args={{stem_at: {INIT_STEM_AT[u]}}}"] if start == "initialised" and INIT_STEM_AT[u]
-                         else [])
+            model_args = {}
+            if start.startswith("initialised") and INIT_STEM_AT[u]:
+                model_args["stem_at"] = INIT_STEM_AT[u]
+            if start in STEM_KERNEL:
+                model_args["stem_kernel"] = STEM_KERNEL[start]
+            grid_args = ["model.args={" + ", ".join(f"{k}: {v}" for k, v in model_args.items()) + "}"] if model_args else []
             overrides = [f"run.name={name}", f"run.out_dir={args.runs_dir}", f"run.threads={args.threads}",
                          "run.resume=null", "run.progress=false", f"defense.args.u={u}",
                          f"data.train={Path(args.data) / 'celeba_112'}", f"eval.data_root={args.data}",
@@ -212,8 +223,18 @@ def main(argv=None) -> int:
             print(f"u={u} {start:11s} step {step:5d}: LFW {100 * acc:6.2f} % at {cpu_min:5.1f} CPU-min", flush=True)
         return row
 
+    # --reuse also keeps the rows of the previous table that this invocation does not plan (one table
+    # grows over several invocations: e.g. a new start measured at one grid only)
+    kept = []
+    if args.reuse and out.with_suffix(".json").is_file():
+        planned = {item[2] for item in plan}
+        kept = [r for r in json.loads(out.with_suffix(".json").read_text()).get("rows", [])
+                if f"u{r['u']}_{r['start']}" not in planned]
+    order = {s: i for i, s in enumerate(STARTS)}
+
     def write():
-        rows = [results[item[2]] for item in plan if item[2] in results]
+        rows = kept + [results[item[2]] for item in plan if item[2] in results]
+        rows.sort(key=lambda r: (r["u"], order.get(r["start"], len(order))))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".json").write_text(json.dumps({"rows": rows, "args": {**vars(args), "set_all": set_all}},
                                                        indent=2, default=str))

@@ -180,6 +180,26 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
     assert not out.exists()                                  # a dry run writes nothing
 
 
+def test_student_budget_trains_sface_students_at_u8_and_keeps_arl():
+    """The student budget (issue 13): every hybridmask config becomes the SFace student (pretrained, cosine to
+    SFace's embeddings, no margin) for 150 x 32 faces, frequency releases at u=8; ARL keeps its own method."""
+    b = B.load_benchmark(BENCH, "student")
+    entries = {d["key"]: B.resolve_entry(d, b, 0, None, []) for d in b["defenses"]}
+    for key, e in entries.items():
+        if key == "arl":
+            assert "model" not in e.config or e.config["model"].get("name") != "sface"
+            continue
+        c = e.config
+        assert (c["model"]["name"], c["model"]["args"], c["teacher"]["name"], c["teacher"]["margin"]) == \
+            ("sface", {}, "sface", False), key
+        assert c["data"]["batch_size"] * c["train"]["steps"] == 150 * 32, key
+        if key in ("unprotected", "instahide"):
+            assert "u" not in c["defense"]["args"], key
+        else:
+            assert c["defense"]["args"]["u"] == 8, key
+    assert b["attacks"]["params"]["structure"]["n_images"] <= 128      # u=8 planes: sized for 24 GB
+
+
 def _row(label, role, lfw, rank1, ssim, spp):
     return {"label": label, "role": role, "verification": {"lfw": {"accuracy": lfw}},
             "attacks": {"attacks": {"cgan_whitebox": {"rank1": rank1, "ssim": {"mean": ssim}, "score_pp": spp}}}}

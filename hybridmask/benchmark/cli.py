@@ -16,7 +16,8 @@ def add_arguments(p: argparse.ArgumentParser, config: str = "configs/benchmark.y
     commands built on the benchmark such as ``hybridmask frontier``)."""
     p.add_argument("--config", default=config, help=config_help)
     p.add_argument("--budget", default="small", choices=BUDGETS,
-                   help="tiny: smoke run; small: CPU (the committed configs); full: GPU (IResNet-50, u=8)")
+                   help="tiny: smoke run; small: CPU (the committed configs); student: CPU, pretrained SFace students at "
+                        "u=8; full: GPU (IResNet-50, u=8)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (reuse / train, attacks, estimate) and exit")
     p.add_argument("--seed", type=int, default=None, help="benchmark seed (default: the config's)")
     p.add_argument("--data", default=None, help="folder holding lfw_112/, cfp_112/, celeba_112/ (overrides the "

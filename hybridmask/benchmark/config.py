@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Mapping
 from ..utils import read_yaml_mapping
 from ..utils.common import deep_merge
 
-BUDGETS = ("tiny", "small", "full")
+BUDGETS = ("tiny", "small", "student", "full")
 TOP_KEYS = {"seed", "data_root", "methods", "defenses", "attacks", "targets", "budgets"}
 BUDGET_KEYS = {"runs_dir", "work_dir", "markdown", "figures_dir", "overrides", "verify", "attacks", "estimate"}
 DEFENSE_KEYS = {"key", "label", "config", "role", "overrides", "note", "literature"}
