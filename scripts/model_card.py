@@ -2,7 +2,7 @@
 """Write the model card of a recognizer trained by ``hybridmask train`` into ``fr_models/`` and print
 its index row (for ``fr_models/README.md``).
 
-    python scripts/model_card.py outputs/celeba_ppfrfd [--out fr_models] [--command "hybridmask train ..."]
+    python scripts/model_card.py outputs/celeba_ppfrfd [--out fr_models] [--command "hybridmask train ..."] [--name N]
 """
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ def main(argv=None) -> int:
     p.add_argument("run", help="run folder holding results.json and model.pt")
     p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "fr_models"))
     p.add_argument("--command", default=None, help="the exact training command (default: from the run name)")
+    p.add_argument("--name", default=None, help="the card's name (default: the run name; e.g. the benchmark's "
+                   "student runs share their config's run name)")
     args = p.parse_args(argv)
     run = Path(args.run)
     model_path = run / "model.pt"
@@ -36,7 +38,7 @@ def main(argv=None) -> int:
         commit = "unknown"
     digest = file_sha256(model_path)
     card = recognizer_card(results, digest, model_path.stat().st_size, commit=commit, command=args.command)
-    name = results.get("run", run.name)
+    name = args.name or results.get("run", run.name)
     out = Path(args.out) / f"{name}.md"
     with atomic_write(out, "w") as f:
         f.write(card)

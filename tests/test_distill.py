@@ -284,3 +284,28 @@ def test_hybridmask_train_distils_behind_a_query_pool_defense(tmp_path):
     assert rc == 0
     res = json.loads((tmp_path / "qp" / "results.json").read_text())
     assert res["teacher"]["spec"] == "sface" and res["defense"]["query_k"] == 2
+
+
+def test_utility_without_the_margin_loss_uses_the_teachers_class_centres():
+    """teacher.margin=false leaves the head untrained: U is the nearest *teacher* class centre (mean of the
+    class's normalised teacher embeddings), not the head's random centres."""
+    from hybridmask.train.distill import teacher_centres
+    from hybridmask.train.evaluation import identification_accuracy
+    emb = torch.tensor([[1.0, 0.0], [3.0, 0.2], [0.0, 2.0], [0.1, 1.0]])
+    labels = torch.tensor([0, 0, 2, 2])
+    c = teacher_centres(emb, labels, 3)
+    assert c.shape == (3, 2) and torch.allclose(c.norm(dim=1), torch.tensor([1.0, 0.0, 1.0]))  # class 1: no faces
+    want0 = torch.nn.functional.normalize(torch.nn.functional.normalize(emb[:2], dim=1).sum(0), dim=0)
+    assert torch.allclose(c[0], want0)
+    head = create_head("cosface", 2, 3)
+    with torch.no_grad():      # a head whose centres point the wrong way: it would score 0
+        head.weight.copy_(torch.tensor([[0.0, 1.0], [0.7, 0.7], [1.0, 0.0]]).reshape(head.weight.shape))
+    x = torch.tensor([[2.0, 0.1], [0.2, 3.0], [1.0, -0.1]])
+    y = torch.tensor([0, 2, 0])
+    model = torch.nn.Identity()
+    assert identification_accuracy(model, head, lambda t: t, x, y) == 0.0
+    assert identification_accuracy(model, head, lambda t: t, x, y, centres=c) == 1.0
+    proj = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        proj.weight.copy_(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))      # swaps the axes: now every query is wrong
+    assert identification_accuracy(model, head, lambda t: t, x, y, centres=c, projection=proj) == 0.0

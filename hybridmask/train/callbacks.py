@@ -87,7 +87,8 @@ def _as_tensors(data, limit: Optional[int] = None) -> Tuple[torch.Tensor, torch.
 
 class Utility(Callback):
     """Every ``every`` steps: the utility U (top-1 identification accuracy of k=1 queries,
-    ``defense.query``, against the margin head's class centres) on held-out ``data`` of *training*
+    ``defense.query``, against the margin head's class centres, or the teacher's when distilling without
+    the margin loss) on held-out ``data`` of *training*
     identities (tensors or a dataset, at most ``limit`` images), measured on rank 0 and broadcast, fed
     to ``trainer.reward.update_multiplier(U)``. ``data=None``: the current training batch (not held out;
     a warning)."""
@@ -115,8 +116,11 @@ class Utility(Callback):
                               "(not held out); pass Utility(data=...) for a proper utility constraint")
             self._warned = True
             self.x, self.y = (t.detach().cpu() for t in trainer.batch)
+        d = trainer.distill    # distillation without the margin loss: the head is untrained, the teacher's
+        centres = d.centres if d is not None and not d.margin else None     # class centres stand in for it
         u = identification_accuracy(trainer.model, trainer.head, trainer.defense.query, self.x, self.y,
-                                    trainer.device, self.batch_size) if trainer.main else None
+                                    trainer.device, self.batch_size, centres=centres,
+                                    projection=None if centres is None else d.projection) if trainer.main else None
         u = float(D.broadcast_object(u))
         trainer.last_utility = u
         if trainer.reward is not None:

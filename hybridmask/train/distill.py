@@ -54,12 +54,15 @@ class Distillation:
     dataset. weight: lambda of the cosine term. margin: keep the mixed-label margin loss. projection: maps the
     student's embeddings to the teacher's size (required when they differ; its parameters must be in the
     optimizer; it is saved in the trainer's checkpoint). pool_emb: teacher embeddings of a public pool, for a
-    defense that mixes partners from one."""
+    defense that mixes partners from one. centres: (classes, D) the teacher's class centres (L2-normalised
+    mean embedding of each training identity, :func:`teacher_centres`): without the margin loss the head gets
+    no gradient, so the utility U is measured against these instead of the untrained head's."""
     cache: Any
     weight: float = 1.0
     margin: bool = True
     projection: Optional[nn.Module] = None
     pool_emb: Optional[torch.Tensor] = None
+    centres: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         w = self.weight
@@ -77,4 +80,13 @@ class Distillation:
         return mixed_target(t.float(), record, pool_emb=self.pool_emb)
 
 
-__all__ = ["Distillation", "IndexedDataset"]
+def teacher_centres(emb: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(num_classes, D): the L2-normalised mean of each class's L2-normalised teacher embeddings (a class
+    without faces gets a zero row, which no query matches best)."""
+    e = torch.nn.functional.normalize(emb.float(), dim=1)
+    lab = torch.as_tensor(labels).long().cpu()
+    sums = torch.zeros(int(num_classes), e.shape[1]).index_add_(0, lab, e)
+    return torch.nn.functional.normalize(sums, dim=1)
+
+
+__all__ = ["Distillation", "IndexedDataset", "teacher_centres"]

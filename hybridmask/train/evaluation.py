@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
 
 from ..data.pairs import VerificationSet
 
@@ -65,9 +66,13 @@ def make_eval_fn(sets: Dict[str, VerificationSet], pairs: Optional[int], batch_s
 
 @torch.no_grad()
 def identification_accuracy(model: torch.nn.Module, head: torch.nn.Module, query: Callable[[torch.Tensor], torch.Tensor],
-                            images: torch.Tensor, labels: torch.Tensor, device=None, batch_size: int = 128) -> float:
+                            images: torch.Tensor, labels: torch.Tensor, device=None, batch_size: int = 128,
+                            centres: Optional[torch.Tensor] = None, projection: Optional[torch.nn.Module] = None
+                            ) -> float:
     """Top-1 identification accuracy: ``query`` (the k=1 release) -> embedding -> nearest class centre
-    of the margin ``head`` (``head.cosine``); the modules' train/eval modes are restored."""
+    of the margin ``head`` (``head.cosine``), or of ``centres`` ((classes, D), e.g. a teacher's class
+    centres, the embedding mapped by ``projection`` first when given); the modules' train/eval modes are
+    restored."""
     was = model.training, head.training
     model.eval()
     head.eval()
@@ -75,7 +80,12 @@ def identification_accuracy(model: torch.nn.Module, head: torch.nn.Module, query
     try:
         for i in range(0, images.shape[0], batch_size):
             x = images[i:i + batch_size].to(device).float()
-            pred = head.cosine(model(query(x))).argmax(1).cpu()
+            emb = model(query(x))
+            if centres is None:
+                pred = head.cosine(emb).argmax(1).cpu()
+            else:
+                emb = projection(emb) if projection is not None else emb
+                pred = (F.normalize(emb.float(), dim=1) @ centres.to(emb.device).float().t()).argmax(1).cpu()
             correct += int((pred == labels[i:i + batch_size].cpu()).sum())
     finally:
         model.train(was[0])
