@@ -59,6 +59,25 @@ JUDGE_NOTE = {"distilled": "distilled from SFace (the privacy judge)",
               "initialised-1x1": "initialised from SFace (the privacy judge); 1x1 stem"}
 
 
+def row_overrides(name: str, u: int, start: str, eval_every: int, args, extra=()) -> list:
+    """The ``hybridmask train`` overrides of one measured row: run ``name`` under ``args.runs_dir``, grid ``u``,
+    ``start`` (its recipe and, when initialised, where the release enters SFace), ``args.steps`` x
+    ``args.batch_size`` faces, LFW on ``args.eval_pairs`` pairs every ``eval_every`` steps, then ``extra``."""
+    model_args = {}
+    if start.startswith("initialised") and INIT_STEM_AT[u]:
+        model_args["stem_at"] = INIT_STEM_AT[u]
+    if start in STEM_KERNEL:
+        model_args["stem_kernel"] = STEM_KERNEL[start]
+    grid_args = ["model.args={" + ", ".join(f"{k}: {v}" for k, v in model_args.items()) + "}"] if model_args else []
+    return [f"run.name={name}", f"run.out_dir={args.runs_dir}", f"run.threads={args.threads}",
+            "run.resume=null", "run.progress=false", f"defense.args.u={u}",
+            f"data.train={Path(args.data) / 'celeba_112'}", f"eval.data_root={args.data}",
+            f"data.batch_size={args.batch_size}", f"train.steps={args.steps}",
+            f"eval.every={eval_every}", f"eval.pairs={args.eval_pairs}", "eval.targets=[lfw]",
+            "eval.final=false", f"train.log_every={eval_every}", "train.ckpt_every=0",
+            "train.utility_every=0"] + STARTS[start] + grid_args + list(extra)
+
+
 def curve(results: dict, batch_size: int, threads: int):
     """[(cpu_minutes, lfw_accuracy, step)] from a run's logged history (training time only)."""
     pts, secs, prev = [], 0.0, 0
@@ -175,20 +194,8 @@ def main(argv=None) -> int:
     for u in us:
         for start in starts:
             name = f"u{u}_{start}"
-            model_args = {}
-            if start.startswith("initialised") and INIT_STEM_AT[u]:
-                model_args["stem_at"] = INIT_STEM_AT[u]
-            if start in STEM_KERNEL:
-                model_args["stem_kernel"] = STEM_KERNEL[start]
-            grid_args = ["model.args={" + ", ".join(f"{k}: {v}" for k, v in model_args.items()) + "}"] if model_args else []
-            overrides = [f"run.name={name}", f"run.out_dir={args.runs_dir}", f"run.threads={args.threads}",
-                         "run.resume=null", "run.progress=false", f"defense.args.u={u}",
-                         f"data.train={Path(args.data) / 'celeba_112'}", f"eval.data_root={args.data}",
-                         f"data.batch_size={args.batch_size}", f"train.steps={args.steps}",
-                         f"eval.every={args.eval_every}", f"eval.pairs={args.eval_pairs}", "eval.targets=[lfw]",
-                         "eval.final=false", f"train.log_every={args.eval_every}", "train.ckpt_every=0",
-                         "train.utility_every=0"] + STARTS[start] + grid_args + set_all + per_start[start]
-            plan.append((u, start, name, overrides))
+            plan.append((u, start, name, row_overrides(name, u, start, args.eval_every, args,
+                                                       set_all + per_start[start])))
     results = {}
 
     def run_row(item):

@@ -34,7 +34,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy_per_cpu_minute import INIT_STEM_AT, STARTS, curve  # noqa: E402
+from accuracy_per_cpu_minute import INIT_STEM_AT, curve, row_overrides  # noqa: E402
 
 
 def row_name(mode: str, copies: int) -> str:
@@ -42,13 +42,8 @@ def row_name(mode: str, copies: int) -> str:
 
 
 def train_overrides(args, mode: str, copies: int) -> list:
-    stem = [f"model.args={{stem_at: {INIT_STEM_AT[args.u]}}}"] if INIT_STEM_AT[args.u] else []
-    return [f"run.name={row_name(mode, copies)}", f"run.out_dir={args.runs_dir}", f"run.threads={args.threads}",
-            "run.resume=null", "run.progress=false", f"defense.args.u={args.u}", f"defense.args.shuffle={mode}",
-            f"data.copies={copies}", f"data.train={Path(args.data) / 'celeba_112'}", f"eval.data_root={args.data}",
-            f"data.batch_size={args.batch_size}", f"train.steps={args.steps}", f"eval.every={args.steps}",
-            f"eval.pairs={args.eval_pairs}", "eval.targets=[lfw]", "eval.final=false",
-            f"train.log_every={args.steps}", "train.ckpt_every=0", "train.utility_every=0"] + STARTS["initialised"] + stem
+    return row_overrides(row_name(mode, copies), args.u, "initialised", args.steps, args,
+                         [f"defense.args.shuffle={mode}", f"data.copies={copies}"])
 
 
 def attack_command(args, run_dir: Path) -> list:

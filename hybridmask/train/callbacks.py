@@ -117,7 +117,7 @@ class Utility(Callback):
             self._warned = True
             self.x, self.y = (t.detach().cpu() for t in trainer.batch)
         d = trainer.distill    # distillation without the margin loss: the head is untrained, the teacher's
-        centres = d.centres if d is not None and not d.margin else None     # class centres stand in for it
+        centres = d.centres if d is not None else None                      # class centres stand in for it
         u = identification_accuracy(trainer.model, trainer.head, trainer.defense.query, self.x, self.y,
                                     trainer.device, self.batch_size, centres=centres,
                                     projection=None if centres is None else d.projection) if trainer.main else None

@@ -55,8 +55,8 @@ class Distillation:
     student's embeddings to the teacher's size (required when they differ; its parameters must be in the
     optimizer; it is saved in the trainer's checkpoint). pool_emb: teacher embeddings of a public pool, for a
     defense that mixes partners from one. centres: (classes, D) the teacher's class centres (L2-normalised
-    mean embedding of each training identity, :func:`teacher_centres`): without the margin loss the head gets
-    no gradient, so the utility U is measured against these instead of the untrained head's."""
+    mean embedding of each training identity, :func:`teacher_centres`), set when ``margin`` is off: the head
+    then gets no gradient, so the utility U is measured against these instead of the untrained head's."""
     cache: Any
     weight: float = 1.0
     margin: bool = True

@@ -245,14 +245,14 @@ def _train_in(out: Path, out_root: Path, name: str, cfg: Dict[str, Any], t_start
     distill = projection = None
     if cache is not None:
         from ..models.teacher import Projection
-        from .distill import Distillation
+        from .distill import Distillation, teacher_centres
         d_t, d_s = int(cache.emb.shape[1]), int(model_cfg["embedding_size"])
         projection = Projection(d_s, d_t) if d_s != d_t else None
-        from .distill import teacher_centres
-        distill = Distillation(cache, weight=float(teacher_cfg.get("weight", 1.0)),
-                               margin=bool(teacher_cfg.get("margin", True)), projection=projection,
-                               pool_emb=_pool_embeddings(defense, cache),
-                               centres=teacher_centres(cache.emb, train_set.labels, faces.num_classes))
+        margin = bool(teacher_cfg.get("margin", True))
+        distill = Distillation(cache, weight=float(teacher_cfg.get("weight", 1.0)), margin=margin,
+                               projection=projection, pool_emb=_pool_embeddings(defense, cache),
+                               centres=None if margin else teacher_centres(cache.emb, train_set.labels,
+                                                                           faces.num_classes))
     optimizer = make_optimizer(list(model.parameters()) + list(head.parameters())
                                + (list(projection.parameters()) if projection is not None else []), optim_cfg)
     scheduler = make_scheduler(optimizer, optim_cfg, total)
