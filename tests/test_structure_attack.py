@@ -119,3 +119,32 @@ def test_structure_attack_reconstructs_ppfrfd_queries(real):
     plain = create_defense("ppfrfd", shuffle="none", seed=0)
     atk2 = create_attack("structure", n_images=50, seed=0).fit(plain, public)
     assert float(ssim(atk2.attack(plain, victims), victims).mean()) > 0.6
+
+
+@pytest.mark.parametrize("shuffle", ["sample", "key"])
+def test_chunked_pipeline_equals_the_whole_batch(monkeypatch, shuffle):
+    """u=8 releases are held a few faces at a time (issue 13: the whole-set float64 pipeline took > 20 GB);
+    the chunking must not change a single number: features, the per-query and the per-key assignment, faces."""
+    from hybridmask.attacks import assignment, refine
+    g = torch.Generator().manual_seed(5)
+    public = torch.rand(12, 3, 112, 112, generator=g) * 2 - 1
+    victims = torch.rand(7, 3, 112, 112, generator=g) * 2 - 1
+    d = create_defense("ppfrfd", shuffle=shuffle, seed=2)
+    planes = unmix_neighbour(d.query(public).double())
+    whole = assignment.plane_features(planes)
+    monkeypatch.setattr(assignment, "FEATURE_CHUNK_VALUES", 1)          # one face per chunk
+    torch.testing.assert_close(assignment.plane_features(planes), whole, rtol=0, atol=0)
+    kw = dict(n_images=None, classifier_epochs=2, client_queries=9, refine_epochs=1, refine_width=4, batch_size=4,
+              seed=0, progress=False)
+    monkeypatch.setattr(refine, "CHUNK_FACES", 1000)                                # the whole set at once
+    big = create_attack("structure", **kw)
+    big.fit(d, public)
+    obs = big.observe(d, victims)
+    faces = big.invert(obs)
+    monkeypatch.setattr(refine, "CHUNK_FACES", 3)
+    small = create_attack("structure", **kw)
+    small.fit(d, public)
+    torch.testing.assert_close(small.prior_dc, big.prior_dc)
+    torch.testing.assert_close(small.prior_energy, big.prior_energy)
+    torch.testing.assert_close(small.invert(obs), faces)
+    assert torch.equal(small.last_assignment, big.last_assignment)

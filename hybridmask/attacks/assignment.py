@@ -18,10 +18,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 POOL = 7
+#: float64 values per chunk of faces in :func:`plane_features` (its temporaries are a few copies of the
+#: chunk): a u=8 release is 189 planes of 112x112, 19 MB per face in float64, so whole sets do not fit
+FEATURE_CHUNK_VALUES = 1 << 22
 
 
 def plane_features(planes: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) planes of B faces -> (B, C, F) features invariant to the order of the C planes."""
+    """(B, C, h, w) planes of B faces -> (B, C, F) features invariant to the order of the C planes (computed
+    a few faces at a time: the features are small, the float64 temporaries of a whole set are not)."""
+    b, c, h, w = planes.shape
+    step = max(1, FEATURE_CHUNK_VALUES // max(1, c * h * w))
+    if b > step:
+        return torch.cat([_plane_features(planes[i:i + step]) for i in range(0, b, step)])
+    return _plane_features(planes)
+
+
+def _plane_features(planes: torch.Tensor) -> torch.Tensor:
     x = planes.double()
     b, c, h, w = x.shape
     energy = x.pow(2).mean(dim=(2, 3))                                       # (B, C)
@@ -53,12 +65,16 @@ class PlaneClassifier(nn.Module):
         return F.log_softmax(self.net((feats - self.mu) / self.sd), dim=-1)
 
 
-def fit_plane_classifier(planes: torch.Tensor, labels: Optional[torch.Tensor] = None, epochs: int = 30,
+def fit_plane_classifier(planes: Optional[torch.Tensor], labels: Optional[torch.Tensor] = None, epochs: int = 30,
                          batch_size: int = 4096, lr: float = 3e-3, hidden: int = 256,
-                         generator: Optional[torch.Generator] = None) -> PlaneClassifier:
-    """Train on the attacker's own (B, C, h, w) planes. ``labels`` (B, C): the channel each plane is (None:
-    the planes are in their true order, plane i is channel i)."""
-    feats = plane_features(planes)                                            # (B, C, F)
+                         generator: Optional[torch.Generator] = None,
+                         features: Optional[torch.Tensor] = None) -> PlaneClassifier:
+    """Train on the attacker's own (B, C, h, w) planes, or on their :func:`plane_features` (B, C, F) computed
+    beforehand (``features``, with ``planes=None``: sets too big to hold as planes). ``labels`` (B, C): the
+    channel each plane is (None: the planes are in their true order, plane i is channel i)."""
+    if (planes is None) == (features is None):
+        raise ValueError("fit_plane_classifier needs planes or features (exactly one)")
+    feats = plane_features(planes) if features is None else features         # (B, C, F)
     b, c, nf = feats.shape
     xs = feats.reshape(b * c, nf)
     ys = torch.arange(c).repeat(b) if labels is None else labels.reshape(-1).long()

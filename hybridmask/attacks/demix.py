@@ -124,14 +124,23 @@ class DemixAttack(Attack):
                              "channel order (shuffle='none'); use decoder='as_image' or a generator")
         self.decoder = dec
         # the mean representation of a random face (public estimate), in each domain the solve may use
-        with torch.no_grad():
-            q = batched(self.defense.query, self.public)
-            self.mu_release = (q.abs() if self.sign_flip else q).mean(0, keepdim=True)
+        with torch.no_grad():   # running sums a batch at a time: a u=8 release is 9.5 MB per face
+            n = self.public.shape[0]
+            sums = {"release": 0.0, "decoded": 0.0, "bdct": 0.0}
+            for i in range(0, n, 64):
+                x = self.public[i:i + 64]
+                q = self.defense.query(x)
+                sums["release"] = sums["release"] + (q.abs() if self.sign_flip else q).sum(0, keepdim=True)
+                if self.combine_domain == "decoded":
+                    sums["decoded"] = sums["decoded"] + self._decode_each(q).sum(0, keepdim=True)
+                if dec == "lstsq":
+                    sums["bdct"] = sums["bdct"] + self.structure.bdct(x).sum(0, keepdim=True)
+            self.mu_release = sums["release"] / n
             self.mu_image = self.public.mean(0, keepdim=True)
             if self.combine_domain == "decoded":
-                self.mu_decoded = self._decode_each(q).mean(0, keepdim=True)
+                self.mu_decoded = sums["decoded"] / n
             if dec == "lstsq":
-                self.mu_bdct = self.structure.bdct(self.public).mean(0, keepdim=True)
+                self.mu_bdct = sums["bdct"] / n
         deb = p["debias"]
         if deb == "auto":
             deb = "off" if (self.combine_domain == "decoded" and self.decoder == "generator") else "on"
@@ -152,19 +161,24 @@ class DemixAttack(Attack):
         self._require_fitted()
         check_defense(defense)
         check_faces(victim_images, "victim_images")
-        n = victim_images.shape[0]
+        n, T = victim_images.shape[0], self.params["T"]
         m = self.params["partners_per_batch"]
-        encs, groups = [], []
-        for _ in range(self.params["T"]):
+        # the bag is shuffled as it is filled (one copy of T x n releases: 2.4 GB for 32 victims x 8 at u=8)
+        order = torch.randperm(T * n, generator=self.generator)
+        slot = torch.empty_like(order)
+        slot[order] = torch.arange(T * n)                  # where encoding t*n + i lands in the shuffled bag
+        encs = None
+        for t in range(T):
             pick = torch.randint(0, self.public.shape[0], (m,), generator=self.generator)
             batch = torch.cat([victim_images, self.public[pick]])
             with torch.no_grad():
                 rel, _ = defense.release(batch)
-            encs.append(rel[:n].detach())
-            groups.append(torch.arange(n))
-        encs, groups = torch.cat(encs), torch.cat(groups)
-        order = torch.randperm(encs.shape[0], generator=self.generator)
-        return {"encodings": encs[order], "groups": groups[order], "n_sources": n}
+            if encs is None:
+                encs = torch.empty((T * n,) + tuple(rel.shape[1:]), dtype=rel.dtype, device=rel.device)
+            encs[slot[t * n:(t + 1) * n]] = rel[:n].detach()
+            del rel
+        groups = torch.arange(n).repeat(T)[order]
+        return {"encodings": encs, "groups": groups, "n_sources": n}
 
     # ---- invert ----------------------------------------------------------------------------------
     def invert(self, observation) -> torch.Tensor:

@@ -6,6 +6,8 @@ loss on pairs the attacker builds from its own faces (its own releases through t
 own originals). It starts from the reconstruction, never from the raw release, and outputs 112x112."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -52,23 +54,47 @@ class Refiner:
         return batched(lambda r: self._forward(r.to(self.device)), rough).cpu()
 
 
+#: faces per chunk of the float64 plane pipeline (unmix, assignment, DC, inverse BDCT): a u=8 release is
+#: 189 planes of 112x112, 19 MB per face in float64 and several temporaries of it per step
+CHUNK_FACES = 8
+
+
+def chunks(x: torch.Tensor, size: Optional[int] = None):
+    """``x`` in slices of ``size`` (default :data:`CHUNK_FACES`) along the first dimension."""
+    size = size or CHUNK_FACES
+    return (x[i:i + size] for i in range(0, x.shape[0], size))
+
+
 class BDCTReconstruction(Attack):
     """Base of the attacks that invert BDCT releases through their public structure."""
 
-    def begin_structure(self, defense, public_images: torch.Tensor) -> torch.Tensor:
+    def begin_structure(self, defense, public_images: torch.Tensor) -> None:
         """:meth:`begin_fit` + the public :class:`~hybridmask.defenses.base.Structure` and the attacker's
-        priors from its own faces (mean block DC per colour); returns its faces' full BDCT."""
+        priors from its own faces: the mean block DC per colour (``prior_dc``) and the mean energy of every
+        kept channel (``prior_energy``), computed a chunk of faces at a time."""
         reason = self.applicable(defense)
         if reason:
             raise ValueError(f"attack {self.name!r}: {reason}")
         self.pool = self.begin_fit(defense, public_images)
         self.structure = self.defense.structure()
         self.kept = list(self.structure.kept)
+        dc, energy = 0.0, 0.0
         with torch.no_grad():
-            full = batched(self.structure.bdct, self.pool)                  # the attacker's own BDCT
-        self.prior_dc = full[:, list(algebra.DC_CHANNELS)].double().mean(0)
+            for x in chunks(self.pool):
+                full = self.structure.bdct(x).double()                      # the attacker's own BDCT
+                dc = dc + full[:, list(algebra.DC_CHANNELS)].sum(0)
+                energy = energy + full[:, self.kept].pow(2).mean(dim=(2, 3)).sum(0)
+        n = self.pool.shape[0]
+        self.prior_dc = dc / n
+        self.prior_energy = energy / n                                      # (C,) per kept channel
         self.dc_dropped = [c for c in algebra.DC_CHANNELS if c not in self.kept]
-        return full
+
+    def own_plane_features(self) -> torch.Tensor:
+        """:func:`~.assignment.plane_features` of the attacker's own kept planes in their true order
+        (B, C, F), a chunk of faces at a time."""
+        from .assignment import plane_features
+        with torch.no_grad():
+            return torch.cat([plane_features(self.structure.bdct(x)[:, self.kept]) for x in chunks(self.pool)])
 
     def planes(self, released: torch.Tensor) -> torch.Tensor:
         """Released coefficients -> the (permuted) BDCT planes: the public neighbour mix undone (float64)."""

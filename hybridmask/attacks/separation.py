@@ -190,12 +190,11 @@ class SeparationAttack(BDCTReconstruction):
     # ---- fit -------------------------------------------------------------------------------------
     def fit(self, defense, public_images, public_labels=None):
         p = self.params
-        full = self.begin_structure(defense, public_images)
+        self.begin_structure(defense, public_images)
         imgs, st = self.pool, self.structure
         self.per_face_k = st.k is None
         self.k_public = st.k if st.k is not None else int(self.defense.max_k)
         self.k_range = self._k_range()
-        self.prior_energy = full[:, self.kept].double().pow(2).mean(dim=(0, 2, 3))     # (C,) per kept channel
         planes, chans, owners, recs = self._own_releases(imgs)
         self.classifier = self._fit_classifier(planes, chans)
         self._fit_k_estimator(planes, recs)

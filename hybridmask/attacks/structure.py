@@ -32,7 +32,7 @@ import torch
 
 from .assignment import assign, fit_plane_classifier, slot_log_probs, unshuffle
 from .base import Param, batched, check_defense, check_faces, client_traffic, register_attack
-from .refine import RECONSTRUCTION_PARAMS, BDCTReconstruction, Refiner
+from .refine import RECONSTRUCTION_PARAMS, BDCTReconstruction, Refiner, chunks
 
 
 @register_attack("structure")
@@ -70,8 +70,8 @@ class StructureAttack(BDCTReconstruction):
     # ---- fit -------------------------------------------------------------------------------------
     def fit(self, defense, public_images, public_labels=None):
         p = self.params
-        full = self.begin_structure(defense, public_images)
-        imgs, st = self.pool, self.structure
+        self.begin_structure(defense, public_images)
+        st = self.structure
         mode = p["assignment"]
         if mode == "auto":
             # keys:R (one of R client keys per query): the per-query assignment; an attack that clusters
@@ -82,43 +82,55 @@ class StructureAttack(BDCTReconstruction):
         self.classifier = None
         if self.assignment != "none":
             with self.seeded():
-                self.classifier = fit_plane_classifier(full[:, self.kept], epochs=p["classifier_epochs"],
-                                                       hidden=p["classifier_hidden"], generator=self.generator)
+                self.classifier = fit_plane_classifier(None, features=self.own_plane_features(),
+                                                       epochs=p["classifier_epochs"], hidden=p["classifier_hidden"],
+                                                       generator=self.generator)
         if p["refine_epochs"] > 0:
-            self._fit_refiner(imgs)
+            self._fit_refiner(self.pool)
         self.fitted = True
         return self
 
     def _fit_refiner(self, imgs: torch.Tensor) -> None:
         p = self.params
-        with torch.no_grad():   # the attacker's own releases (its own secrets) through steps 1-4
-            rough = self._reconstruct(batched(self.defense.query, imgs), own=True)
+        with torch.no_grad():   # the attacker's own releases (its own secrets) through steps 1-4, released a
+            # chunk at a time (a client key's second pass releases them again: same key, same permutation)
+            rough = self._reconstruct(lambda: (self.defense.query(x) for x in chunks(imgs)), own=True)
         with self.seeded():
             self.refiner = Refiner(p["refine_width"], self.device)
         self.refiner.fit(rough, imgs, p["refine_epochs"], p["batch_size"], p["lr"], self.generator)
 
     # ---- the pipeline ----------------------------------------------------------------------------
-    def _channels(self, planes: torch.Tensor, extra: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(B, C) channel index (into ``kept``) of every slot."""
-        b, c = planes.shape[:2]
-        if self.assignment == "none":
-            return torch.arange(c).expand(b, c)
-        lp = slot_log_probs(self.classifier, planes)
-        if self.assignment == "sample":
-            return assign(lp)
-        evidence = lp.sum(0)
-        if extra is not None and extra.shape[0]:
-            evidence = evidence + slot_log_probs(self.classifier, extra).sum(0)
-        return assign(evidence).expand(b, c)
+    def _key_channels(self, released, traffic: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(C,) channel of every slot under one client key: the evidence of all queries (and the client's
+        other traffic) summed before one assignment."""
+        evidence = 0.0
+        for part in (released, traffic):
+            if part is None:
+                continue
+            for r in (part() if callable(part) else chunks(part)):
+                evidence = evidence + slot_log_probs(self.classifier, self.planes(r)).sum(0)
+        return assign(evidence)
 
-    def _reconstruct(self, released: torch.Tensor, own: bool = False,
-                     traffic: Optional[torch.Tensor] = None) -> torch.Tensor:
-        planes = self.planes(released)
-        extra = None if traffic is None else self.planes(traffic)
-        slot_channel = self._channels(planes, extra)
+    def _reconstruct(self, released, own: bool = False, traffic: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Releases -> faces through steps 1-4, a chunk of faces at a time. ``released``: a (B, C, g, g)
+        tensor, or a callable returning an iterator over chunks of releases (called twice with a client key:
+        the evidence, then the faces)."""
+        key = self._key_channels(released, traffic) if self.assignment == "key" else None
+        faces, slots = [], []
+        for r in (released() if callable(released) else chunks(released)):
+            planes = self.planes(r)
+            b, c = planes.shape[:2]
+            if key is not None:
+                slot_channel = key.expand(b, c)
+            elif self.assignment == "none":
+                slot_channel = torch.arange(c).expand(b, c)
+            else:
+                slot_channel = assign(slot_log_probs(self.classifier, planes))
+            slots.append(slot_channel)
+            faces.append(self.to_faces(unshuffle(planes, slot_channel)))
         if not own:
-            self.last_assignment = slot_channel
-        return self.to_faces(unshuffle(planes, slot_channel))
+            self.last_assignment = torch.cat(slots)
+        return torch.cat(faces)
 
     # ---- attack ----------------------------------------------------------------------------------
     def observe(self, defense, victim_images):
@@ -145,7 +157,7 @@ class StructureAttack(BDCTReconstruction):
         permutations (``true_perm[b, i]``: the kept index of slot i) - for the report only."""
         got = self.last_assignment
         right = (got == true_perm.to(got.device)).double()
-        energy = self.planes(released).pow(2).mean(dim=(2, 3))
+        energy = torch.cat([self.planes(r).pow(2).mean(dim=(2, 3)) for r in chunks(released)])
         return {"slots_right": float(right.mean()), "energy_right": float((right * energy).sum() / energy.sum())}
 
     def report(self) -> Dict[str, Any]:
