@@ -464,8 +464,8 @@ def test_report_names_defenses_whose_queries_are_identical():
 
 
 def test_keys_added_with_a_neutral_default_do_not_invalidate_finished_runs():
-    """A run recorded before data.copies / model.init / reward.attacker existed is the same run as one configured
-    with their neutral values (benchmark reuse, attack caches, resume); a non-neutral value is another run."""
+    """A run recorded before data.copies / model.init / reward.attacker / optim.pretrained_lr_scale existed is the
+    same run as one configured with their neutral values (benchmark reuse, attack caches, resume); a non-neutral value is another run."""
     import copy
 
     from hybridmask.benchmark.runs import config_hash, fingerprint
@@ -475,7 +475,7 @@ def test_keys_added_with_a_neutral_default_do_not_invalidate_finished_runs():
     assert new["data"]["copies"] == 1 and new["model"]["init"] is None        # the schema's defaults are neutral
     assert new["reward"]["attacker"] == NEUTRAL_DEFAULTS["reward.attacker"]
     old = copy.deepcopy(new)
-    del old["data"]["copies"], old["model"]["init"], old["reward"]["attacker"]
+    del old["data"]["copies"], old["model"]["init"], old["reward"]["attacker"], old["optim"]["pretrained_lr_scale"]
     assert config_hash(fingerprint(new, [])) == config_hash(fingerprint(old, []))
     assert config_changes(without_neutral(old), without_neutral(new)) == []
     changed = copy.deepcopy(new)
@@ -484,7 +484,10 @@ def test_keys_added_with_a_neutral_default_do_not_invalidate_finished_runs():
     changed = copy.deepcopy(new)
     changed["reward"]["attacker"]["weight"] = 0.5
     assert config_hash(fingerprint(changed, [])) != config_hash(fingerprint(old, []))
-    assert set(NEUTRAL_DEFAULTS) == {"data.copies", "model.init", "reward.attacker"}
+    changed = copy.deepcopy(new)
+    changed["optim"]["pretrained_lr_scale"] = 0.1
+    assert config_hash(fingerprint(changed, [])) != config_hash(fingerprint(old, []))
+    assert set(NEUTRAL_DEFAULTS) == {"data.copies", "model.init", "reward.attacker", "optim.pretrained_lr_scale"}
 
 
 def test_a_budget_can_leave_attacks_out(tmp_path):
@@ -502,3 +505,17 @@ def test_a_budget_can_leave_attacks_out(tmp_path):
     for name in ("celeba_pixel.yaml",):
         (tmp_path / name).write_text((REPO / "configs" / name).read_text())
     assert load_benchmark(bad, "small")["attacks"].get("left_out") is None     # nothing to leave out
+
+
+def test_report_marks_recognizers_that_share_weights_with_the_judge(tmp_path):
+    """Issue 13 item 5: a recognizer initialised from SFace carries the note beside the numbers SFace judges."""
+    student = _full_row("PPFR-FD", "ppfrfd", 0.96, {"structure": _att(0.9, 0.8, seconds=100.0)})
+    student["judge_note"] = "initialised from SFace (the privacy judge)"
+    plain = _full_row("freq MixUp k=2", "fixed_k", 0.55, {"structure": _att(0.9, 0.7, seconds=100.0)})
+    md = B.render_markdown(_payload_of([student, plain], ["structure"]), tmp_path / "r.md")
+    assert "| PPFR-FD † |" in md and "| freq MixUp k=2 |" in md and "| freq MixUp k=2 † |" not in md
+    assert "| PPFR-FD † | (masked view) |" in md
+    assert "**† Shares weights with the judge.** PPFR-FD: the recognizer was initialised from SFace (the privacy " \
+           "judge)" in md
+    assert "Shares weights with the judge" not in B.render_markdown(_payload_of([plain], ["structure"]),
+                                                                    tmp_path / "r2.md")

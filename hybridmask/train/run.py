@@ -37,6 +37,21 @@ def make_optimizer(params, cfg: Dict[str, Any]) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optim.name {name!r}; use sgd or adamw")
 
 
+def param_groups(model, params, cfg: Dict[str, Any]):
+    """``params`` as optimizer groups: the model's pretrained parameters (``model.pretrained_parameters()``)
+    at ``optim.pretrained_lr_scale`` times the learning rate (0: frozen), everything else at the rate
+    itself; a plain list when the scale is 1 or nothing is pretrained."""
+    scale = cfg.get("pretrained_lr_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
+        raise ValueError(f"optim.pretrained_lr_scale must be a number >= 0, got {scale!r}")
+    pre = list(getattr(model, "pretrained_parameters", lambda: [])())
+    if float(scale) == 1.0 or not pre:
+        return params
+    ids = {id(p) for p in pre}
+    return [{"params": [p for p in params if id(p) not in ids]},
+            {"params": pre, "lr": float(cfg["lr"]) * float(scale)}]
+
+
 def make_scheduler(optimizer, cfg: Dict[str, Any], total: int):
     kind = str(cfg.get("scheduler", "cosine")).lower()
     warm = int(cfg.get("warmup_steps") or 0)
@@ -253,8 +268,9 @@ def _train_in(out: Path, out_root: Path, name: str, cfg: Dict[str, Any], t_start
                                projection=projection, pool_emb=_pool_embeddings(defense, cache),
                                centres=None if margin else teacher_centres(cache.emb, train_set.labels,
                                                                            faces.num_classes))
-    optimizer = make_optimizer(list(model.parameters()) + list(head.parameters())
-                               + (list(projection.parameters()) if projection is not None else []), optim_cfg)
+    optimizer = make_optimizer(param_groups(model, list(model.parameters()) + list(head.parameters())
+                                            + (list(projection.parameters()) if projection is not None else []),
+                                            optim_cfg), optim_cfg)
     scheduler = make_scheduler(optimizer, optim_cfg, total)
     policy_setup = None
     if policy is not None:
