@@ -57,7 +57,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from .assignment import PlaneClassifier, fit_plane_classifier, slot_log_probs
+from .assignment import PlaneClassifier, fit_plane_classifier, plane_features, slot_log_probs
 from .base import Param, check_defense, check_faces, register_attack
 from .refine import RECONSTRUCTION_PARAMS, BDCTReconstruction, Refiner
 
@@ -157,11 +157,13 @@ class SeparationAttack(BDCTReconstruction):
         self.last_faces: Optional[torch.Tensor] = None
 
     # ---- the attacker's own releases -------------------------------------------------------------
-    def _own_releases(self, imgs: torch.Tensor):
+    def _own_releases(self, imgs: torch.Tensor, keep_planes: bool = False):
         """The attacker's faces released by its own defense instance in batches of ``mix_batch``: the
-        unmixed planes, each slot's dominant channel, the partner index of its owner, and the records."""
+        unmixed planes' features (:func:`~.assignment.plane_features`), each slot's dominant channel, the
+        partner index of its owner, the records, and (``keep_planes``, for the refinement) the planes.
+        Only features are kept otherwise: a u=8 release is 19 MB per face in float64."""
         d, n, mb = self.defense, imgs.shape[0], self.params["mix_batch"]
-        planes, chans, owners, recs = [], [], [], []
+        feats, planes, chans, owners, recs = [], [], [], [], []
         for i in range(0, n - min(mb, n) + 1, mb):
             x = imgs[i:i + mb]
             with torch.no_grad():
@@ -169,23 +171,30 @@ class SeparationAttack(BDCTReconstruction):
                 draw = d.draw(x, kk)
                 rel, rec = d.apply(x, draw)
                 z = self.planes(rel)
+                del rel
                 enc = self.planes(d.encode(x, draw))          # each own face shuffled, before mixing
             b, kmax = rec.indices.shape
             w = rec.weights.double()
-            comp_e = torch.stack([w[:, j].view(b, 1) ** 2 * enc[rec.indices[:, j]].pow(2).mean(dim=(2, 3))
+            enc_e = enc.pow(2).mean(dim=(2, 3))                   # (mb, C) energy of each own face's slots
+            del enc
+            comp_e = torch.stack([w[:, j].view(b, 1) ** 2 * enc_e[rec.indices[:, j]]
                                   for j in range(kmax)], 1)     # (B, K, C) energy of each component
             own = comp_e.argmax(1)                                # (B, C) which mixed face owns the slot
             perm_of = draw.perm[rec.indices]                      # (B, K, C)
             chans.append(perm_of.gather(1, own.unsqueeze(1)).squeeze(1))
-            planes.append(z)
+            feats.append(plane_features(z))
+            if keep_planes:
+                planes.append(z)
             owners.append(rec.indices.gather(1, own) + i)         # (B, C) index into imgs
             recs.append(rec)
-        return torch.cat(planes), torch.cat(chans), torch.cat(owners), recs
+        return (torch.cat(feats), torch.cat(planes) if keep_planes else None, torch.cat(chans), torch.cat(owners),
+                recs)
 
-    def _fit_classifier(self, planes: torch.Tensor, labels: torch.Tensor) -> PlaneClassifier:
+    def _fit_classifier(self, feats: torch.Tensor, labels: torch.Tensor) -> PlaneClassifier:
         with self.seeded():
-            return fit_plane_classifier(planes, labels, epochs=self.params["classifier_epochs"],
-                                        hidden=self.params["classifier_hidden"], generator=self.generator)
+            return fit_plane_classifier(None, labels, epochs=self.params["classifier_epochs"],
+                                        hidden=self.params["classifier_hidden"], generator=self.generator,
+                                        features=feats)
 
     # ---- fit -------------------------------------------------------------------------------------
     def fit(self, defense, public_images, public_labels=None):
@@ -195,9 +204,9 @@ class SeparationAttack(BDCTReconstruction):
         self.per_face_k = st.k is None
         self.k_public = st.k if st.k is not None else int(self.defense.max_k)
         self.k_range = self._k_range()
-        planes, chans, owners, recs = self._own_releases(imgs)
-        self.classifier = self._fit_classifier(planes, chans)
-        self._fit_k_estimator(planes, recs)
+        feats, planes, chans, owners, recs = self._own_releases(imgs, keep_planes=p["refine_epochs"] > 0)
+        self.classifier = self._fit_classifier(feats, chans)
+        self._fit_k_estimator(feats, recs)
         self.fitted = True
         if p["refine_epochs"] > 0:
             self._fit_refiner(imgs, planes, owners)
@@ -210,18 +219,20 @@ class SeparationAttack(BDCTReconstruction):
         return (min(ks), max(ks))
 
     def _low_counts(self, planes: torch.Tensor) -> torch.Tensor:
-        """(B,) expected number of slots per low AC channel: about the number of faces mixed."""
-        lp = slot_log_probs(self.classifier, planes)
+        """(B,) expected number of slots per low AC channel: about the number of faces mixed. ``planes``:
+        (B, C, h, w) planes, or their (B, C, F) features."""
+        lp = self.classifier(planes) if planes.dim() == 3 else slot_log_probs(self.classifier, planes)
         idx = [self.kept.index(c) for c in LOW_AC if c in self.kept]
         return lp[:, :, idx].exp().sum(1).mean(1)
 
-    def _fit_k_estimator(self, planes: torch.Tensor, recs) -> None:
+    def _fit_k_estimator(self, feats: torch.Tensor, recs) -> None:
         """Per-face k: the k that a release's low-channel slot count most often goes with on the
         attacker's own releases (thresholds between consecutive k)."""
         self.k_thresholds = None
         if not self.per_face_k or self.params["k"] is not None:
             return
-        counts = self._low_counts(planes)
+        with torch.no_grad():
+            counts = self._low_counts(feats)
         ks = torch.cat([r.k for r in recs])
         lo, hi = self.k_range
         means = {k: float(counts[ks == k].mean()) for k in range(lo, hi + 1) if bool((ks == k).any())}
