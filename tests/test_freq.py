@@ -7,7 +7,7 @@ import torch_dct
 
 from hybridmask.freq import (BatchMask, BlockDCT, FreqMixUp, HybridMask, MaskedDataset, MaskTransform, PPFRFD,
                              block_dct, block_idct, dct_matrix, resolve_drop, rgb_to_ycbcr, sample_weights,
-                             split_channels, ycbcr_to_rgb, zero_fill, zigzag_order)
+                             split_channels, ycbcr_to_rgb, zigzag_order)
 from hybridmask.utils import HybridMaskInputError
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hybridmask.policy import (CONTEXT_DIM, K_VALUES, FixedKPolicy, LagrangianReward, MaskingEnv, Reinforce,
+from hybridmask.policy import (CONTEXT_DIM, K_VALUES, LagrangianReward, MaskingEnv, Reinforce,
                                StrategyNet, ToyMaskingGame, UniformPolicy, context_dim, context_features,
                                create_policy)
 from hybridmask.utils import HybridMaskInputError, atomic_save, safe_torch_load

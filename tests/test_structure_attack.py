@@ -2,7 +2,6 @@
 real faces (issue 12)."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -17,7 +17,6 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..utils.rng import SeedLike, generator_state, make_generator, set_generator_state
 from ..utils.validate import HybridMaskInputError, check_images

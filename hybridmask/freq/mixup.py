@@ -17,7 +17,7 @@ weight is at most ``max_weight`` (InstaHide's rule); ``"dirichlet"`` - ``Dirichl
 from __future__ import annotations
 
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import torch

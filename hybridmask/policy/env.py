@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import gymnasium as gym
 import numpy as np

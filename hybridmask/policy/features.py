@@ -96,7 +96,7 @@ def context_features(masked_freq: torch.Tensor, running_loss: float = 0.0, progr
     if not 0.0 <= prog <= 1.0:
         raise HybridMaskInputError(f"progress must be in [0, 1], got {prog}")
     x = masked_freq.detach()
-    B, C = x.shape[0], x.shape[1]
+    B = x.shape[0]
     per_sample = max(1, x[0].numel())
     chunk = max(1, _CHUNK_ELEMS // per_sample)
     rows = []

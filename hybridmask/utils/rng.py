@@ -9,7 +9,7 @@ in a training script cannot reveal the masking secrets.
 from __future__ import annotations
 
 import secrets
-from typing import Optional, Union
+from typing import Union
 
 import torch
 
