@@ -3,6 +3,7 @@ fixed secret keys; a keyed defense's key is saved apart (mode 0600), a checkpoin
 fingerprint, and a model is refused the wrong key."""
 from __future__ import annotations
 
+import json
 import os
 import stat
 import sys
@@ -145,6 +146,9 @@ def test_train_writes_the_key_and_eval_takes_it(tmp_path, capsys):
           "--threads", "1"]
     assert cli_main(ev + ["--key", str(key)]) == 0
     assert "accuracy" in capsys.readouterr().out
+    from hybridmask.train.card import recognizer_card        # the card's re-run command passes the key
+    res = json.loads((run / "results.json").read_text())
+    assert f"--key {run / 'client_key.pt'}" in recognizer_card(res, "0" * 64, 1).replace("\n", " ")
     wrong = tmp_path / "wrong.pt"
     save_client_key(wrong, create_defense("ppfrfd", shuffle="key"))
     assert cli_main(ev + ["--key", str(wrong)]) != 0

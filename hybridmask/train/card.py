@@ -140,6 +140,8 @@ def recognizer_card(results: Dict[str, Any], checkpoint_sha256: str, checkpoint_
     kh = run_k_hist(results)
     ktxt = ", ".join(f"k={k}: {100 * v:.0f} %" for k, v in kh.items()) or "k=1 (no MixUp)"
     ver = results.get("verification") or {}
+    key_file = (results.get("paths") or {}).get("client_key")     # a keyed run: eval needs the client's key
+    key_arg = f" --key {key_file}" if key_file else ""
 
     def row(label, key):
         v = ver.get(key)
@@ -198,7 +200,7 @@ def recognizer_card(results: Dict[str, Any], checkpoint_sha256: str, checkpoint_
 {row('CFP-FF', 'cfp_ff')}
 
 Measured at the end of the training run on the full protocols (re-run: `hybridmask eval --model
-{results.get('paths', {}).get('model')} --targets lfw,cfp_fp --data ../shared/data/faces`).
+{results.get('paths', {}).get('model')}{key_arg} --targets lfw,cfp_fp --data ../shared/data/faces`).
 
 ## Intended use and limits
 - Research on privacy-preserving face recognition; not for identifying people.
