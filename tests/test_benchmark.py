@@ -168,15 +168,15 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
     out = tmp_path / "bench"
     assert cli_main(["benchmark", "--budget", "small", "--dry-run", "--out-dir", str(out)]) == 0
     text = capsys.readouterr().out
-    for label in ("unprotected (pixels)", "PPFR-FD", "freq MixUp k=6", "InstaHide k=4", "DCTDP", "ARL (identity)",
-                  "adaptive hybrid masking"):
+    for label in ("unprotected (pixels)", "PPFR-FD", "PPFR-FD (client key)", "freq MixUp k=6", "InstaHide k=4",
+                  "DCTDP", "ARL (identity)", "adaptive hybrid masking"):
         assert label in text
-    assert text.count("[train ]") == 9                       # an empty runs folder: everything is trained
+    assert text.count("[train ]") == 10                      # an empty runs folder: everything is trained
     assert "demix: n/a (needs stochastic=True" in text and "estimate" in text and "total" in text
-    assert text.count("demix: n/a") == 2                     # the deterministic releases: unprotected, ARL
+    assert text.count("demix: n/a") == 3       # the deterministic releases: unprotected, ARL, PPFR-FD with a client key
     # per-attack times of the estimate, and the 10-minute check
     assert "structure ~5.0 min" in text and "linkage ~3.0 min" in text and "10-minute limit" in text
-    assert text.count("separate: n/a") == 5                  # only the mixing block-DCT defenses: k=2, 4, 6, adaptive
+    assert text.count("separate: n/a") == 6                  # only the mixing block-DCT defenses: k=2, 4, 6, adaptive
     assert not out.exists()                                  # a dry run writes nothing
 
 

@@ -128,14 +128,14 @@ def test_dry_run_prints_every_variant_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "out"
     assert cli_main(["frontier", "--config", str(p), "--budget", "tiny", "--dry-run", "--out-dir", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "hybridmask frontier - sweep" in text and "9 benchmark defense(s)" in text and "4 variant(s)" in text
+    assert "hybridmask frontier - sweep" in text and "10 benchmark defense(s)" in text and "4 variant(s)" in text
     for label in ("PPFR-FD drop=dc, shuffle=keys:3", "PPFR-FD drop=low6, shuffle=sample",
                   "PPFR-FD drop=low6, shuffle=keys:3", "k=2 u=2", "adaptive hybrid masking", "ARL (identity)"):
         assert f"] {label} " in text                                         # a plan line (status, label, folder)
     # the grid's default point trains what the benchmark's PPFR-FD trains: one run, one point
     assert "PPFR-FD drop=dc, shuffle=sample: the same training as PPFR-FD" in text
     assert "] PPFR-FD drop=dc, shuffle=sample " not in text
-    assert text.count("[train ]") == 9 + 4 and "estimate" in text and "total" in text
+    assert text.count("[train ]") == 10 + 4 and "estimate" in text and "total" in text
     assert f"writes: {out / 'frontier.md'}, {out / 'frontier' / 'frontier.png'}" in text
     assert "results.md" not in text and not out.exists()
 
