@@ -218,10 +218,9 @@ class SeparationAttack(BDCTReconstruction):
         ks = [int(v) for v in self.structure.k_values if v > 1] or [2, self.k_public]
         return (min(ks), max(ks))
 
-    def _low_counts(self, planes: torch.Tensor) -> torch.Tensor:
-        """(B,) expected number of slots per low AC channel: about the number of faces mixed. ``planes``:
-        (B, C, h, w) planes, or their (B, C, F) features."""
-        lp = self.classifier(planes) if planes.dim() == 3 else slot_log_probs(self.classifier, planes)
+    def _low_counts(self, lp: torch.Tensor) -> torch.Tensor:
+        """(B,) expected number of slots per low AC channel, from the slot classifier's (B, C slots, C channels)
+        log-probabilities: about the number of faces mixed."""
         idx = [self.kept.index(c) for c in LOW_AC if c in self.kept]
         return lp[:, :, idx].exp().sum(1).mean(1)
 
@@ -232,7 +231,7 @@ class SeparationAttack(BDCTReconstruction):
         if not self.per_face_k or self.params["k"] is not None:
             return
         with torch.no_grad():
-            counts = self._low_counts(feats)
+            counts = self._low_counts(self.classifier(feats))
         ks = torch.cat([r.k for r in recs])
         lo, hi = self.k_range
         means = {k: float(counts[ks == k].mean()) for k in range(lo, hi + 1) if bool((ks == k).any())}
@@ -257,23 +256,25 @@ class SeparationAttack(BDCTReconstruction):
         self.refiner.fit(rough, imgs[group_owner], p["refine_epochs"], p["batch_size"], p["lr"], self.generator)
 
     # ---- the pipeline ----------------------------------------------------------------------------
-    def _ks(self, planes: torch.Tensor) -> torch.Tensor:
-        b = planes.shape[0]
+    def _ks(self, lp: torch.Tensor) -> torch.Tensor:
+        """(B,) k of every release, from its slots' log-probabilities (B, C, C)."""
+        b = lp.shape[0]
         if self.params["k"] is not None:
             return torch.full((b,), int(self.params["k"]), dtype=torch.long)
         if not self.per_face_k:
             return torch.full((b,), int(self.k_public), dtype=torch.long)
-        return self._estimate_k(self._low_counts(planes))
+        return self._estimate_k(self._low_counts(lp))
 
     def _separate(self, planes: torch.Tensor, own_owners: Optional[torch.Tensor] = None):
         """(B, C, h, w) unmixed planes -> (dominant faces (B, 3, 112, 112), and with ``own_owners`` the
         attacker's own face that owns most of each dominant group's energy; else all faces, list)."""
         p = self.params
         b, c = planes.shape[:2]
-        lp = slot_log_probs(self.classifier, planes).double().numpy()
+        log_probs = slot_log_probs(self.classifier, planes)     # the plane features once, for both uses
+        lp = log_probs.double().numpy()
         maps = coherence_maps(planes).numpy()
         energy = planes.pow(2).mean(dim=(2, 3))
-        ks = self._ks(planes)
+        ks = self._ks(log_probs)
         rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=self.generator)))
         dominant, all_faces, group_owner, kept_ks = [], [], [], []
         for i in range(b):
