@@ -71,7 +71,9 @@ class SFaceBackbone(FRBackbone):
                     m.reset_parameters()
         self.pretrained = pretrained
         self.freeze_bn = freeze_bn
-        self.net = net             # SFace's layers are the whole network (FRBackbone's stem/stages/neck unused)
+        # channels-last on every conv: measured on one CPU thread (u=8 student, batch 32) 1.9x faster inference
+        # (106 -> 55 ms per face) and 1.2x faster training; the same numbers to 3e-6 (docs/speed.md)
+        self.net = net.to(memory_format=torch.channels_last)   # SFace's layers are the whole network
         self.train()
 
     def _pretrained_modules(self) -> List[nn.Module]:
@@ -97,13 +99,13 @@ class SFaceBackbone(FRBackbone):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._validate(x)
-        return self.net(x)
+        return self.net(x.contiguous(memory_format=torch.channels_last))
 
     def features(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         """``stem`` (the map the stem gives: 32 x 112 x 112 unless ``stem_at``) and ``embedding``."""
         self._validate(x)
         out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
-        h = self.net.stem(self.net.preprocess(x))
+        h = self.net.stem(self.net.preprocess(x.contiguous(memory_format=torch.channels_last)))
         out["stem"] = h
         out["embedding"] = self.net.body(h)
         return out
