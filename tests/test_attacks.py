@@ -420,6 +420,29 @@ def mean_l1(a, b):
 
 
 @pytest.mark.realdata
+def test_harness_scores_the_separation_of_a_query_time_pool_mix(small_real, sface, tmp_path):
+    """A query mixed with public-pool faces (query_k=2) is a mixture the separate attack reads; its partners
+    are pool faces, not other victims, so the harness scores the separated face against the victim (the
+    heaviest face of each query) and adds no in-batch ``mixed`` block (which used to raise)."""
+    from hybridmask.attacks.harness import evaluate_defense
+    pool = tmp_path / "pool.pt"
+    torch.save(small_real.public[:16].clone(), pool)
+    d = create_defense("ppfrfd", query_k=2, pool=str(pool), seed=3)
+    atk = create_attack("separate", n_images=32, classifier_epochs=1, classifier_hidden=16, refine_epochs=0,
+                        mix_batch=8, restarts=1, iterations=1, seed=0, progress=False)
+    res = evaluate_defense(d, {"separate": atk}, small_real, embedder=sface, progress=False)
+    sc = res["attacks"]["separate"]
+    assert_scores_in_range(sc)
+    assert "mixed" not in sc and len(sc["per_image"]["rank"]) == small_real.victims.shape[0]
+    # the attacker's own releases mix its faces with pool faces: slots owned by a pool face are labelled with
+    # that face's own channel permutation and point past the attacker's faces, into the pool
+    _, _, chans, owners, recs = atk._own_releases(small_real.public[:16])
+    assert all(r.source == "pool" for r in recs)
+    assert bool((owners >= 16).any()) and int(owners.max()) < 32 and int(owners.min()) >= 0
+    assert int(chans.min()) >= 0 and int(chans.max()) < len(d.structure().kept)
+
+
+@pytest.mark.realdata
 def test_demix_on_real_faces(small_real, sface):
     """T encodings of a real face with fresh partners recover it far better than one encoding when the
     attacker knows the channel order; the harness scores it as re-identifiable."""

@@ -52,6 +52,8 @@ each release; :attr:`last_faces` holds all separated faces.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
@@ -175,17 +177,33 @@ class SeparationAttack(BDCTReconstruction):
                 enc = self.planes(d.encode(x, draw))          # each own face shuffled, before mixing
             b, kmax = rec.indices.shape
             w = rec.weights.double()
+            if w.dim() == 3:                                      # per-channel weights: a face's mean weight
+                w = w.mean(dim=2)
             enc_e = enc.pow(2).mean(dim=(2, 3))                   # (mb, C) energy of each own face's slots
             del enc
-            comp_e = torch.stack([w[:, j].view(b, 1) ** 2 * enc_e[rec.indices[:, j]]
-                                  for j in range(kmax)], 1)     # (B, K, C) energy of each component
+            if rec.source == "pool":
+                # a query-time mix: column 0 is the face itself, the others public-pool faces on their own
+                # secrets (the attacker owns the pool); their owners index the pool after the attacker's faces
+                comp = [enc_e]
+                for j in range(1, kmax):
+                    sub = None if draw.pool_subset is None else draw.pool_subset[:, j - 1]
+                    pe = d.encode(d.public_pool()[rec.indices[:, j]],
+                                  dataclasses.replace(draw, perm=draw.pool_perm[:, j - 1], subset=sub))
+                    comp.append(self.planes(pe).pow(2).mean(dim=(2, 3)))
+                comp_e = torch.stack([w[:, j].view(b, 1) ** 2 * comp[j] for j in range(kmax)], 1)
+                perm_of = torch.cat([draw.perm.unsqueeze(1), draw.pool_perm], 1)
+                index = torch.cat([torch.arange(b).unsqueeze(1) + i, rec.indices[:, 1:] + n], 1)
+            else:
+                comp_e = torch.stack([w[:, j].view(b, 1) ** 2 * enc_e[rec.indices[:, j]]
+                                      for j in range(kmax)], 1)     # (B, K, C) energy of each component
+                perm_of = draw.perm[rec.indices]                      # (B, K, C)
+                index = rec.indices + i
             own = comp_e.argmax(1)                                # (B, C) which mixed face owns the slot
-            perm_of = draw.perm[rec.indices]                      # (B, K, C)
             chans.append(perm_of.gather(1, own.unsqueeze(1)).squeeze(1))
             feats.append(plane_features(z))
             if keep_planes:
                 planes.append(z)
-            owners.append(rec.indices.gather(1, own) + i)         # (B, C) index into imgs
+            owners.append(index.gather(1, own))                   # (B, C) index into imgs (then the pool)
             recs.append(rec)
         return (torch.cat(feats), torch.cat(planes) if keep_planes else None, torch.cat(chans), torch.cat(owners),
                 recs)
@@ -253,7 +271,9 @@ class SeparationAttack(BDCTReconstruction):
         rough, group_owner = self._separate(planes, own_owners=owners)
         with self.seeded():
             self.refiner = Refiner(p["refine_width"], self.device)
-        self.refiner.fit(rough, imgs[group_owner], p["refine_epochs"], p["batch_size"], p["lr"], self.generator)
+        pool = self.defense.public_pool() if self.defense.public_pool() is not None else imgs[:0]
+        targets = torch.cat([imgs, pool.to(imgs.dtype)])         # owners past the attacker's faces: pool faces
+        self.refiner.fit(rough, targets[group_owner], p["refine_epochs"], p["batch_size"], p["lr"], self.generator)
 
     # ---- the pipeline ----------------------------------------------------------------------------
     def _ks(self, lp: torch.Tensor) -> torch.Tensor:
