@@ -206,6 +206,23 @@ def test_table_and_figure_from_a_handmade_payload(tmp_path):
     assert not frontier_plot([dict(p, lfw=None, cfp_fp=None) for p in pts], tmp_path / "none.png", payload["benchmark"])
 
 
+def test_a_query_readable_as_it_is_scores_its_masked_view_not_the_weaker_attack():
+    """Unprotected pixels: the query is the face, so its y is the masked view's 100 %, not the 75 % of the best
+    reconstruction attack; a masked query whose view re-identifies less keeps its strongest attack."""
+    rows = [_row("unprotected", "unprotected (pixels)", 0.99, 0.93, {"cgan_whitebox": (0.75, 0.6, 0.55)}),
+            _row("ppfrfd", "PPFR-FD", 0.96, 0.82, {"structure": (0.9, 0.7, 0.65)})]
+    rows[0]["attacks"]["masked_view"] = {"rank1": 1.0, "identity_similarity": {"mean": 1.0}, "ssim": {"mean": 1.0}}
+    rows[1]["attacks"]["masked_view"] = {"rank1": 0.03, "identity_similarity": {"mean": 0.05}, "ssim": {"mean": 0.01}}
+    payload = {"attack_settings": {"headline": "strongest"}, "defenses": rows}
+    by = {p["key"]: p for p in F.frontier_points(payload, {"variants": {}})}
+    assert by["unprotected"]["attack"] == F.MASKED_VIEW and by["unprotected"]["rank1"] == 1.0
+    assert by["unprotected"]["ssim"] == 1.0
+    assert by["ppfrfd"]["attack"] == "structure" and by["ppfrfd"]["rank1"] == 0.9
+    # a fixed headline attack is what the user asked for: the masked view does not replace it
+    fixed = F.frontier_points({"attack_settings": {"headline": "cgan_whitebox"}, "defenses": rows[:1]}, {"variants": {}})
+    assert fixed[0]["attack"] == "cgan_whitebox" and fixed[0]["rank1"] == 0.75
+
+
 # ---- a tiny sweep end to end (real faces) ------------------------------------------------------------------------
 def test_tiny_sweep_end_to_end_and_a_second_invocation_reuses_everything(small_faces_root, tmp_path, capsys):
     # a base benchmark with fewer attacks (the pipeline is the benchmark's: tested there with all of them)

@@ -40,6 +40,8 @@ SWEEP_KEYS = {"benchmark", "defenses", "sweep", "outputs"}
 GROUP_KEYS = {"key", "label", "config", "overrides", "grid", "variants"}
 VARIANT_META = {"key", "label"}          # besides dotted overrides, in an explicit variant
 OUTPUT_KEYS = {"markdown", "figures_dir"}
+#: the y of a point whose query, read as an image, re-identifies more than every attack (e.g. unprotected pixels)
+MASKED_VIEW = "masked view (the query itself)"
 #: the figure and the JSON written into ``figures_dir``
 FIGURE, JSON_FILE = "frontier.png", "frontier.json"
 
@@ -358,14 +360,21 @@ class Frontier(Benchmark):
 # ---- points, table ---------------------------------------------------------------------------------------
 def frontier_points(payload: Dict[str, Any], sweep: Dict[str, Any]) -> List[Dict[str, Any]]:
     """One point per benchmark row: utility (LFW, CFP-FP), the headline (strongest query) attack with its rank-1
-    and SSIM, the strongest linkage attack, and whether the point is on the Pareto front (LFW / CFP-FP against
+    and SSIM (with ``headline: strongest``, the query's own masked view when it re-identifies more: an adversary
+    needs no attack to read an unprotected face), the strongest linkage attack, and whether the point is on the Pareto front (LFW / CFP-FP against
     rank-1). Sets ``payload["chance_rank1"]``."""
-    from .report import headline, headline_label, mean, metric_value, strongest_linkage
+    from .report import STRONGEST, headline, headline_label, mean, metric_value, strongest_linkage
     head = payload["attack_settings"]["headline"]
     points, chance = [], None
     for row in payload["defenses"]:
         v = sweep["variants"].get(row["key"])
         h = headline(row, head) or {}
+        name = headline_label(row, head) if h else None
+        mv = (row.get("attacks") or {}).get("masked_view") or {}
+        if head == STRONGEST and mv.get("rank1") is not None and \
+                (mean(h.get("rank1")) is None or float(mv["rank1"]) > mean(h.get("rank1"))):
+            # the query itself, read as an image, beats every attack (unprotected pixels: it is the face)
+            h, name = mv, MASKED_VIEW
         lk_name, lk = strongest_linkage(row)
         ch = (((row.get("attacks") or {}).get("baselines") or {}).get("chance") or {}).get("rank1")
         if chance is None and ch is not None:
@@ -377,7 +386,7 @@ def frontier_points(payload: Dict[str, Any], sweep: Dict[str, Any]) -> List[Dict
             "run_dir": row.get("run_dir"), "status": row.get("status"),
             "lfw": metric_value(row, "verification.lfw.accuracy", head),
             "cfp_fp": metric_value(row, "verification.cfp_fp.accuracy", head),
-            "attack": headline_label(row, head) if h else None,
+            "attack": name,
             "rank1": mean(h.get("rank1")), "ssim": mean(h.get("ssim")),
             "linkage_attack": lk_name, "linkage_rank1": mean((lk or {}).get("rank1")),
             "linkage_tar": mean((lk or {}).get("tar@far=0.001")),
@@ -403,7 +412,8 @@ def frontier_markdown(payload: Dict[str, Any], md_path: Path) -> str:
     b, st, pts = payload["benchmark"], payload["attack_settings"], payload["points"]
     sw = payload.get("sweep") or {}
     head = st.get("headline")
-    who = "the strongest query-reconstruction attack (highest rank-1)" if head == "strongest" else f"the {head} attack"
+    who = ("the strongest query-reconstruction attack (highest rank-1; the query itself read as an image when that "
+           "re-identifies more, as for unprotected pixels)") if head == "strongest" else f"the {head} attack"
     chance = payload.get("chance_rank1")
     lines = [
         "# Privacy-utility frontier", "",
