@@ -6,6 +6,7 @@ loss on pairs the attacker builds from its own faces (its own releases through t
 own originals). It starts from the reconstruction, never from the raw release, and outputs 112x112."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -19,6 +20,12 @@ from .nets import UNetGenerator
 RECONSTRUCTION_PARAMS = (
     Param("dc", str, "solve", choices=("solve", "prior", "zero"),
           doc="dropped block means: solved from edge continuity, the attacker's average, or zero"),
+    Param("fill", str, "zero", choices=("zero", "eigenface"),
+          doc="dropped AC channels: zero, or their conditional mean given the kept coefficients under a linear "
+              "(eigenface) model of the attacker's own aligned faces; a dropped DC then comes from that model, "
+              "re-solved from edge continuity of the completed blocks when dc='solve'"),
+    Param("fill_components", int, 128, range=(1, 4096),
+          doc="eigenfaces of the fill (at most the attacker's faces used to fit them, minus one)"),
     Param("refine_epochs", int, 0, range=(0, 1000), doc="epochs of the refinement U-Net (0: none)"),
     Param("refine_width", int, 16, range=(4, 256), doc="base width of the refinement U-Net"),
     Param("batch_size", int, 32, range=(2, 4096), doc="refinement mini-batch size"),
@@ -88,6 +95,54 @@ class BDCTReconstruction(Attack):
         self.prior_dc = dc / n
         self.prior_energy = energy / n                                      # (C,) per kept channel
         self.dc_dropped = [c for c in algebra.DC_CHANNELS if c not in self.kept]
+        self.dropped = [c for c in range(algebra.NUM_CHANNELS) if c not in self.kept]
+        self.eigen = self._fit_eigenfaces() if self.params["fill"] == "eigenface" and self.dropped else None
+
+    def _coefficients(self, images: torch.Tensor) -> torch.Tensor:
+        """The public BDCT of any (B, 3, H, W) float64 images (eigenfaces leave [-1, 1]; the BDCT is linear)."""
+        scale = images.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
+        return torch.cat([self.structure.bdct(x) for x in chunks(images / scale)]) * scale
+
+    def _fit_eigenfaces(self) -> dict:
+        """A linear Gaussian model of the attacker's aligned faces, ``x = mean + E a``, ``a ~ N(0, I)``, fitted on
+        all but a held-out fifth of its faces (at most 64), whose kept coefficients give the residual variance
+        ``s2`` per coefficient the model leaves. A release's dropped coefficients are then the posterior mean
+        ``D (K^T K + s2 I)^-1 K^T (k - K mean)`` (K / D: the eigenfaces' kept / dropped coefficients)."""
+        faces = self.pool.double()
+        n = faces.shape[0]
+        held = min(64, max(1, n // 5))
+        fit, val = faces[:n - held], faces[n - held:]
+        if fit.shape[0] < 2:
+            raise ValueError(f"attack {self.name!r}: fill='eigenface' needs at least 3 attacker faces, got {n}")
+        flat = fit.reshape(fit.shape[0], -1)
+        mean = flat.mean(0)
+        _, sv, vh = torch.linalg.svd(flat - mean, full_matrices=False)
+        r = min(self.params["fill_components"], fit.shape[0] - 1)
+        eig = (sv[:r, None] / math.sqrt(fit.shape[0])) * vh[:r]                # (r, D): a ~ N(0, I)
+        coef = self._coefficients(torch.cat([mean.view(1, *faces.shape[1:]), eig.view(r, *faces.shape[1:])]))
+        kept_c = coef[:, self.kept].reshape(r + 1, -1)
+        m_k, e_k = kept_c[0], kept_c[1:]
+        # the residual the r eigenfaces leave in the kept coefficients of faces they were not fitted on
+        a = (val.reshape(held, -1) - mean) @ vh[:r].T / (sv[:r] / math.sqrt(fit.shape[0]))
+        res = self._coefficients(val)[:, self.kept].reshape(held, -1) - m_k - a @ e_k
+        s2 = float(res.pow(2).mean().clamp_min(1e-12))
+        gram = e_k @ e_k.T + s2 * torch.eye(r, dtype=torch.float64)
+        self.info["fill"] = {"components": r, "residual_variance": s2, "faces": int(fit.shape[0])}
+        return {"mean_kept": m_k.float(), "kept": e_k.float(), "chol": torch.linalg.cholesky(gram),
+                "mean_dropped": coef[0, self.dropped].float(), "dropped": coef[1:, self.dropped].float()}
+
+    def _complete(self, full: torch.Tensor) -> torch.Tensor:
+        """Fill the dropped channels of ``full`` (B, 192, h, w) with the eigenface posterior mean."""
+        e = self.eigen
+        b = full.shape[0]
+        k = full[:, self.kept].reshape(b, -1).float() - e["mean_kept"]
+        rhs = (e["kept"] @ k.T).double()                                       # (r, B)
+        a = torch.cholesky_solve(rhs, e["chol"]).float()                      # (r, B) posterior means
+        d = e["mean_dropped"].unsqueeze(0) + (a.T @ e["dropped"].reshape(a.shape[0], -1)).view(
+            b, *e["mean_dropped"].shape)
+        out = full.clone()
+        out[:, self.dropped] = d.to(full.dtype)
+        return out
 
     def own_plane_features(self) -> torch.Tensor:
         """:func:`~.assignment.plane_features` of the attacker's own kept planes in their true order
@@ -102,11 +157,17 @@ class BDCTReconstruction(Attack):
         return algebra.unmix_neighbour(released) if self.structure.channel_mix == "neighbour" else released
 
     def to_faces(self, ordered: torch.Tensor) -> torch.Tensor:
-        """Planes in kept-channel order -> faces: dropped channels zero, dropped DC recovered (``dc``)."""
+        """Planes in kept-channel order -> faces: dropped channels zero (``fill="eigenface"``: their posterior mean
+        under the attacker's eigenface model), dropped DC recovered (``dc``)."""
         full = algebra.release_planes(ordered, self.kept)
+        if self.eigen is not None:
+            full = self._complete(full)
         if self.dc_dropped:
             dc = self.params["dc"]
-            if dc == "solve":
+            if self.eigen is not None and dc != "solve":
+                if dc == "zero":
+                    full[:, self.dc_dropped] = 0
+            elif dc == "solve":
                 full = algebra.fill_dc(full, self.prior_dc)
             elif dc == "prior":
                 full[:, self.dc_dropped] = self.prior_dc[[algebra.DC_CHANNELS.index(c)
