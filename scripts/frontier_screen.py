@@ -16,7 +16,8 @@ public faces (the attacker may own the pool).
     python scripts/frontier_screen.py --render-only docs/frontier_screen.json
 
 Writes ``<out>.json`` (after every candidate; a rerun skips candidates already there with the same settings),
-``<out>.md`` and ``<out>/<candidate>_<attack>.png`` grids (original | masked view | reconstruction).
+``<out>.md``, the full grids of every attack under ``--grids`` and, for the strongest attack of each candidate, a
+small ``<out>/<candidate>_<attack>.png`` (original | masked view | reconstruction).
 ``--candidates`` takes ``label=name:key=value;key=value`` items separated by ``,``.
 """
 from __future__ import annotations
@@ -86,6 +87,17 @@ def parse_candidates(spec: str) -> List[Tuple[str, str, Dict[str, Any]]]:
     return out
 
 
+def small_figure(src: Path, dst: Path, n: int = 6) -> None:
+    """The first ``n`` columns of a harness grid (original | masked view | reconstruction), at half size:
+    small enough for the repository (a full PNG grid is ~0.5 MB)."""
+    from PIL import Image
+    img = Image.open(src).convert("RGB")
+    w = min(img.width, n * (img.width // 8))
+    img = img.crop((0, 0, w, img.height)).resize((w // 2, img.height // 2), Image.LANCZOS)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    img.save(dst, optimize=True)
+
+
 def summary(scores: Dict[str, Any]) -> Dict[str, float]:
     """Rank-1 / rank-5 and the mean SSIM / identity similarity of one :func:`image_scores` result."""
     return {"rank1": scores["rank1"], "rank5": scores["rank5"], "ssim": scores["ssim"]["mean"],
@@ -96,7 +108,7 @@ def strongest(attacks: Dict[str, Dict[str, Any]]) -> str:
     return max(attacks, key=lambda n: (attacks[n]["rank1"], attacks[n]["identity_similarity"]))
 
 
-def render(payload: Dict[str, Any]) -> str:
+def render(payload: Dict[str, Any], fig_dir: str = "") -> str:
     s = payload["settings"]
     lines = [
         "# Privacy screening of candidate query maskings (issue 14)",
@@ -128,6 +140,13 @@ def render(payload: Dict[str, Any]) -> str:
                           for n, v in (c.get("linkage") or {}).items()) or "-"
         lines.append(f"| {c['label']} | `{masking}` | {top} | {100 * a['rank1']:.1f} % | {a['ssim']:.3f} | "
                      f"{a['identity_similarity']:.3f} | {every}{'; ' + declined if declined else ''} | {links} |")
+    if fig_dir:
+        lines += ["", "The strongest attack per candidate (original | masked view | reconstruction, first 6 victims):", ""]
+        for c in payload["candidates"]:
+            if c["attacks"]:
+                from hybridmask.attacks.harness import slug
+                top = strongest(c["attacks"])
+                lines.append(f"![{c['label']}: {top}]({fig_dir}/{slug(c['label'])}_{slug(top)}.png)")
     lines += ["", "Wall time per candidate: " + ", ".join(f"{c['label']} {c['seconds']:.0f} s"
                                                         for c in payload["candidates"]) + "."]
     return "\n".join(lines) + "\n"
@@ -145,6 +164,8 @@ def main(argv=None) -> int:
     p.add_argument("--n-distractors", type=int, default=64)
     p.add_argument("--n-public", type=int, default=1000)
     p.add_argument("--pool-size", type=int, default=256)
+    p.add_argument("--grids", default="outputs/frontier_screen/grids",
+                   help="where the harness writes every attack's full grid (the docs get the strongest, small)")
     p.add_argument("--pool-file", default="outputs/frontier_screen/pool.pt",
                    help="where the query-time MixUp pool (the first --pool-size public faces) is written")
     p.add_argument("--structure-images", type=int, default=800)
@@ -162,13 +183,13 @@ def main(argv=None) -> int:
     if args.render_only:
         payload = json.loads(Path(args.render_only).read_text())
         out_md = Path(args.render_only).with_suffix(".md")
-        out_md.write_text(render(payload))
+        out_md.write_text(render(payload, out_md.stem))
         print(f"wrote {out_md}")
         return 0
 
     from hybridmask.attacks import ATTACKS as REGISTRY, create_attack
     from hybridmask.attacks.data import build_attack_data
-    from hybridmask.attacks.harness import default_embedder, evaluate_defense, evaluate_linkage, write_json
+    from hybridmask.attacks.harness import default_embedder, evaluate_defense, evaluate_linkage, slug, write_json
     from hybridmask.defenses import create_defense
 
     torch.set_num_threads(args.threads)
@@ -239,7 +260,7 @@ def main(argv=None) -> int:
         print(f"[{label}] attacks: {', '.join(attacks) or 'none'}"
               + (f"; declined: {', '.join(declined)}" if declined else ""), flush=True)
         linkers = {a: attacks.pop(a) for a in list(attacks) if attacks[a].kind == "linkage"}
-        res = evaluate_defense(defense, attacks, data, embedder=embedder, grid_dir=out, label=label,
+        res = evaluate_defense(defense, attacks, data, embedder=embedder, grid_dir=Path(args.grids), label=label,
                                progress=not args.quiet) if attacks else {"attacks": {}}
         links = {}
         for a, atk in linkers.items():
@@ -254,16 +275,20 @@ def main(argv=None) -> int:
                      "declined": {**prev["declined"], **declined}, "attacks": {**prev["attacks"], **entry["attacks"]},
                      "linkage": {**(prev.get("linkage") or {}), **links}}
         results.append(entry)
+        if res.get("grids") and entry["attacks"]:      # the strongest attack's grid, small, into the docs
+            top = strongest(entry["attacks"])
+            if top in res["grids"]:
+                small_figure(Path(res["grids"][top]), out / f"{slug(label)}_{slug(top)}.png")
         payload = {"settings": settings, "candidates": results}
         write_json(json_path, payload)
-        md_path.write_text(render(payload))
+        md_path.write_text(render(payload, out.name))
         if entry["attacks"]:
             top = strongest(entry["attacks"])
             print(f"[{label}] strongest {top}: rank-1 {100 * entry['attacks'][top]['rank1']:.1f} %, "
                   f"SSIM {entry['attacks'][top]['ssim']:.3f} ({entry['seconds']:.0f} s)", flush=True)
     payload = {"settings": settings, "candidates": results}
     write_json(json_path, payload)
-    md_path.write_text(render(payload))
+    md_path.write_text(render(payload, out.name))
     print(f"wrote {json_path} and {md_path}")
     return 0
 
