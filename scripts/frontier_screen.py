@@ -47,7 +47,7 @@ DEFAULT_CANDIDATES = ",".join([
 #: (label, registered attack, its own parameters): separate reads a query-time mix (query_k >= 2) as a mixture;
 #: structure_eigenface completes the dropped channels from the attacker's eigenfaces before the refinement
 ATTACKS = (("structure", "structure", {}), ("structure_eigenface", "structure", {"fill": "eigenface"}),
-           ("gram", "gram", {}), ("separate", "separate", {}), ("cgan", "cgan", {}),
+           ("gram", "gram", {}), ("separate", "separate", {}), ("cgan", "cgan", {}), ("demix", "demix", {}),
            ("linkage", "linkage", {"front": "auto"}), ("linkage_student", "linkage", {"front": "none"}))
 
 
@@ -58,6 +58,7 @@ ATTACK_TEXT = {
     "gram": "`gram` (Procrustes key estimate, pooled over 256 client queries where the masking has a client key)",
     "separate": "`separate` on query-time mixes (the dominant face)",
     "cgan": "white-box `cgan` (48x48, {cgan} epochs)",
+    "demix": "`demix` (T queries of the same face under fresh secrets, decoded by that cgan's generator)",
     "linkage": "`linkage` (its own column: SFace matching of the structure attack's reconstructions to the "
                "victims' clean photos)",
     "linkage_student": "`linkage_student` (its own column: a student of SFace distilled on the attacker's own "
@@ -172,6 +173,8 @@ def main(argv=None) -> int:
     p.add_argument("--structure-refine-epochs", type=int, default=2)
     p.add_argument("--linkage-steps", type=int, default=None,
                    help="student steps of the linkage attacks (default: the attack's own, 150 for a release)")
+    p.add_argument("--demix-T", type=int, default=8,
+                   help="queries of each victim the multi-query demix attack sees (fresh secrets each)")
     p.add_argument("--gram-epochs", type=int, default=4)
     p.add_argument("--cgan-epochs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -200,6 +203,8 @@ def main(argv=None) -> int:
     settings = {k: getattr(args, k) for k in ("u", "n_victims", "n_distractors", "n_public", "pool_size",
                                                "structure_images", "structure_refine_epochs", "gram_epochs",
                                                "cgan_epochs", "seed", "defense_seed")}
+    if args.demix_T != 8:
+        settings["demix_T"] = args.demix_T
     if args.linkage_steps is not None:      # recorded only when set, so earlier results stay valid
         settings["linkage_steps"] = args.linkage_steps
     chosen = [a.strip() for a in args.attacks.split(",") if a.strip()]
@@ -228,6 +233,7 @@ def main(argv=None) -> int:
               "gram": {"epochs": args.gram_epochs},
               "separate": {"n_images": args.structure_images, "refine_epochs": 0},
               "linkage": {"n_images": args.structure_images, "steps": args.linkage_steps},
+              "demix": {"T": args.demix_T},
               "cgan": {"epochs": args.cgan_epochs, "n_images": args.n_public, "width": 16, "disc_width": 16,
                        "size": 48}}
     results = []
@@ -239,6 +245,9 @@ def main(argv=None) -> int:
             prev = None
         have = set() if prev is None else set(prev["attacks"]) | set(prev.get("linkage") or {}) | set(prev["declined"])
         todo = [t for t in attack_list if t[0] not in have]
+        names = {t[0] for t in todo}
+        if "demix" in names:
+            names.add("cgan")                  # demix decodes with the cgan fitted before it in the same run
         if not todo:
             results.append(prev)
             continue
@@ -248,8 +257,8 @@ def main(argv=None) -> int:
             dkw["pool"] = str(pool)
         defense = create_defense(name, **dkw)
         attacks, declined = {}, {}
-        for i, (a, reg, own) in enumerate(attack_list):
-            if a not in {t[0] for t in todo}:
+        for i, (a, reg, own) in enumerate(ATTACKS):        # the registry order: cgan before demix
+            if a not in names:
                 continue
             why = REGISTRY.get(reg).applicable(defense)
             if why:
