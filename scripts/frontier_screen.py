@@ -237,6 +237,7 @@ def main(argv=None) -> int:
               "cgan": {"epochs": args.cgan_epochs, "n_images": args.n_public, "width": 16, "disc_width": 16,
                        "size": 48}}
     results = []
+    others = [c for lab, c in done.items() if lab not in {c[0] for c in candidates}]   # kept, not rerun
     for label, name, kw in candidates:
         kw_shown = dict(kw)
         key = {"label": label, "name": name, "args": kw_shown}
@@ -288,14 +289,14 @@ def main(argv=None) -> int:
             top = strongest(entry["attacks"])
             if top in res["grids"]:
                 small_figure(Path(res["grids"][top]), out / f"{slug(label)}_{slug(top)}.png")
-        payload = {"settings": settings, "candidates": results}
+        payload = {"settings": settings, "candidates": results + others}
         write_json(json_path, payload)
         md_path.write_text(render(payload, out.name))
         if entry["attacks"]:
             top = strongest(entry["attacks"])
             print(f"[{label}] strongest {top}: rank-1 {100 * entry['attacks'][top]['rank1']:.1f} %, "
                   f"SSIM {entry['attacks'][top]['ssim']:.3f} ({entry['seconds']:.0f} s)", flush=True)
-    payload = {"settings": settings, "candidates": results}
+    payload = {"settings": settings, "candidates": results + others}
     write_json(json_path, payload)
     md_path.write_text(render(payload, out.name))
     print(f"wrote {json_path} and {md_path}")
