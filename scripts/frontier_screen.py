@@ -142,10 +142,10 @@ def render(payload: Dict[str, Any], fig_dir: str = "") -> str:
         lines.append(f"| {c['label']} | `{masking}` | {top} | {100 * a['rank1']:.1f} % | {a['ssim']:.3f} | "
                      f"{a['identity_similarity']:.3f} | {every}{'; ' + declined if declined else ''} | {links} |")
     if fig_dir:
+        from hybridmask.attacks.harness import slug
         lines += ["", "The strongest attack per candidate (original | masked view | reconstruction, first 6 victims):", ""]
         for c in payload["candidates"]:
             if c["attacks"]:
-                from hybridmask.attacks.harness import slug
                 top = strongest(c["attacks"])
                 lines.append(f"![{c['label']}: {top}]({fig_dir}/{slug(c['label'])}_{slug(top)}.png)")
     lines += ["", "Wall time per candidate: " + ", ".join(f"{c['label']} {c['seconds']:.0f} s"

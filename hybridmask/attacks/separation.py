@@ -271,8 +271,8 @@ class SeparationAttack(BDCTReconstruction):
         rough, group_owner = self._separate(planes, own_owners=owners)
         with self.seeded():
             self.refiner = Refiner(p["refine_width"], self.device)
-        pool = self.defense.public_pool() if self.defense.public_pool() is not None else imgs[:0]
-        targets = torch.cat([imgs, pool.to(imgs.dtype)])         # owners past the attacker's faces: pool faces
+        pool = self.defense.public_pool()
+        targets = imgs if pool is None else torch.cat([imgs, pool.to(imgs.dtype)])   # then owners in the pool
         self.refiner.fit(rough, targets[group_owner], p["refine_epochs"], p["batch_size"], p["lr"], self.generator)
 
     # ---- the pipeline ----------------------------------------------------------------------------

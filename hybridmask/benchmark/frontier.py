@@ -363,18 +363,17 @@ def frontier_points(payload: Dict[str, Any], sweep: Dict[str, Any]) -> List[Dict
     and SSIM (with ``headline: strongest``, the query's own masked view when it re-identifies more: an adversary
     needs no attack to read an unprotected face), the strongest linkage attack, and whether the point is on the Pareto front (LFW / CFP-FP against
     rank-1). Sets ``payload["chance_rank1"]``."""
-    from .report import STRONGEST, headline, headline_label, mean, metric_value, strongest_linkage
+    from .report import (STRONGEST, headline, headline_label, mean, metric_value, strongest_linkage,
+                         strongest_rank1)
     head = payload["attack_settings"]["headline"]
     points, chance = [], None
     for row in payload["defenses"]:
         v = sweep["variants"].get(row["key"])
         h = headline(row, head) or {}
         name = headline_label(row, head) if h else None
-        mv = (row.get("attacks") or {}).get("masked_view") or {}
-        if head == STRONGEST and mv.get("rank1") is not None and \
-                (mean(h.get("rank1")) is None or float(mv["rank1"]) > mean(h.get("rank1"))):
+        if head == STRONGEST and strongest_rank1(row)[1] == "masked view":
             # the query itself, read as an image, beats every attack (unprotected pixels: it is the face)
-            h, name = mv, MASKED_VIEW
+            h, name = row["attacks"]["masked_view"], MASKED_VIEW
         lk_name, lk = strongest_linkage(row)
         ch = (((row.get("attacks") or {}).get("baselines") or {}).get("chance") or {}).get("rank1")
         if chance is None and ch is not None:
