@@ -218,6 +218,10 @@ def test_a_query_readable_as_it_is_scores_its_masked_view_not_the_weaker_attack(
     assert by["unprotected"]["attack"] == F.MASKED_VIEW and by["unprotected"]["rank1"] == 1.0
     assert by["unprotected"]["ssim"] == 1.0
     assert by["ppfrfd"]["attack"] == "structure" and by["ppfrfd"]["rank1"] == 0.9
+    # a tie keeps the attack (it says more than "the query itself")
+    rows[1]["attacks"]["masked_view"]["rank1"] = 0.9
+    tie = F.frontier_points({"attack_settings": {"headline": "strongest"}, "defenses": rows[1:]}, {"variants": {}})
+    assert tie[0]["attack"] == "structure"
     # a fixed headline attack is what the user asked for: the masked view does not replace it
     fixed = F.frontier_points({"attack_settings": {"headline": "cgan_whitebox"}, "defenses": rows[:1]}, {"variants": {}})
     assert fixed[0]["attack"] == "cgan_whitebox" and fixed[0]["rank1"] == 0.75

@@ -371,8 +371,10 @@ def frontier_points(payload: Dict[str, Any], sweep: Dict[str, Any]) -> List[Dict
         v = sweep["variants"].get(row["key"])
         h = headline(row, head) or {}
         name = headline_label(row, head) if h else None
-        if head == STRONGEST and strongest_rank1(row)[1] == "masked view":
-            # the query itself, read as an image, beats every attack (unprotected pixels: it is the face)
+        best, where = strongest_rank1(row) if head == STRONGEST else (None, None)
+        if where == "masked view" and (mean(h.get("rank1")) is None or best > mean(h.get("rank1"))):
+            # the query itself, read as an image, beats every attack (unprotected pixels: it is the face);
+            # on a tie the attack keeps the point
             h, name = row["attacks"]["masked_view"], MASKED_VIEW
         lk_name, lk = strongest_linkage(row)
         ch = (((row.get("attacks") or {}).get("baselines") or {}).get("chance") or {}).get("rank1")
