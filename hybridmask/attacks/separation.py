@@ -176,9 +176,7 @@ class SeparationAttack(BDCTReconstruction):
                 del rel
                 enc = self.planes(d.encode(x, draw))          # each own face shuffled, before mixing
             b, kmax = rec.indices.shape
-            w = rec.weights.double()
-            if w.dim() == 3:                                      # per-channel weights: a face's mean weight
-                w = w.mean(dim=2)
+            w = rec.label_weights.double()                        # (B, K) each face's weight (mean over channels)
             enc_e = enc.pow(2).mean(dim=(2, 3))                   # (mb, C) energy of each own face's slots
             del enc
             if rec.source == "pool":
