@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
@@ -169,6 +170,9 @@ def main(argv=None) -> int:
                    help="where the harness writes every attack's full grid (the docs get the strongest, small)")
     p.add_argument("--pool-file", default="outputs/frontier_screen/pool.pt",
                    help="where the query-time MixUp pool (the first --pool-size public faces) is written")
+    p.add_argument("--pool-only", action="store_true",
+                   help="write the pool file and stop (the public pool of configs/frontier.yaml's query-mix variant: "
+                        "--n-public 800 --pool-size 256)")
     p.add_argument("--structure-images", type=int, default=800)
     p.add_argument("--structure-refine-epochs", type=int, default=2)
     p.add_argument("--linkage-steps", type=int, default=None,
@@ -228,7 +232,14 @@ def main(argv=None) -> int:
                              n_public=args.n_public, seed=args.seed, progress=not args.quiet)
     pool = Path(args.pool_file)       # a file, so that every attack's own instance of the defense reads the same pool
     pool.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(data.public[:args.pool_size].clone(), pool)
+    with tempfile.TemporaryDirectory(dir=pool.parent) as tmp:   # never a half-written pool; the same file name
+        part = Path(tmp) / pool.name   # inside (torch names the archive after it), so the same faces give the same
+        torch.save(data.public[:args.pool_size].clone(), part)   # bytes, hence the same SHA-256 the runs record
+        part.replace(pool)
+    if args.pool_only:
+        from hybridmask.defenses.io import pool_fingerprint
+        print(f"wrote {pool}: {min(args.pool_size, len(data.public))} public faces, SHA-256 {pool_fingerprint(pool)}")
+        return 0
     params = {"structure": {"n_images": args.structure_images, "refine_epochs": args.structure_refine_epochs},
               "gram": {"epochs": args.gram_epochs},
               "separate": {"n_images": args.structure_images, "refine_epochs": 0},

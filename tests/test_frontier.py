@@ -120,6 +120,32 @@ def test_load_sweep_adds_variants_to_the_benchmark_and_names_a_bad_override(tmp_
                                  name="dup.yaml"), "tiny")
 
 
+def test_a_query_mix_variant_is_checked_with_its_pool_and_runs_only_once_the_pool_exists(tmp_path, capsys):
+    import torch
+    base = {"key": "p", "label": "PPFR-FD", "config": "celeba_ppfrfd.yaml"}
+    pool = tmp_path / "pool.pt"
+    variant = {"defense.args.query_k": 2, "defense.args.pool": str(pool), "key": "p-qk2"}
+    # query_k needs its pool: alone it is refused, with the reason; the pair is checked together
+    with pytest.raises(ValueError, match=r"bad override 'defense.args.query_k: 2'.*needs pool"):
+        F.load_sweep(_sweep_file(tmp_path, [dict(base, variants=[{"defense.args.query_k": 2}])], name="b.yaml"),
+                     "tiny")
+    # the pool file does not exist yet: the sweep loads, other variants run, this one says what is missing
+    p = _sweep_file(tmp_path, [dict(base, variants=[variant, {"defense.args.drop": "low15"}])], defenses=["ppfrfd"])
+    sw = F.load_sweep(p, "tiny")
+    assert set(sw["not_ready"]) == {"p-qk2"} and "not found" in sw["not_ready"]["p-qk2"]
+    args = ["frontier", "--config", str(p), "--budget", "tiny", "--dry-run", "--out-dir", str(tmp_path / "o")]
+    assert cli_main(args + ["--only", "p-drop_low15"]) == 0
+    capsys.readouterr()
+    assert cli_main(args + ["--only", "p-qk2"]) == 1
+    assert f"variant 'p-qk2': public pool {pool} not found" in capsys.readouterr().err
+    # once it exists, the variant is an ordinary one, with the pool's fingerprint in its run
+    torch.save(torch.zeros(4, 3, 112, 112, dtype=torch.uint8), pool)
+    sw = F.load_sweep(p, "tiny")
+    assert sw["not_ready"] == {}
+    assert cli_main(args + ["--only", "p-qk2"]) == 0
+    assert "1 variant(s)" in capsys.readouterr().out.splitlines()[0]
+
+
 def test_dry_run_prints_every_variant_and_writes_nothing(tmp_path, capsys):
     p = _sweep_file(tmp_path, [{"key": "p", "label": "PPFR-FD", "config": "celeba_ppfrfd.yaml",
                                 "grid": {"defense.args.drop": ["dc", "low6"], "defense.args.shuffle": ["sample", "keys:3"]}},

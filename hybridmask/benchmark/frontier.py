@@ -169,26 +169,40 @@ def expand_group(path: Path, group: Mapping[str, Any]) -> List[Dict[str, Any]]:
 
 
 def _validate_variant(path: Path, where: str, config: Path, layout: Dict[str, Any], overrides: Dict[str, Any],
-                      memo: Dict[Tuple[str, str], None]) -> None:
-    """Every override applies to the base training config on its own (the schema of configs/base.yaml, and the
-    defense's constructor for ``defense.args.*``), then all of them together: a bad key or value is one error
-    that names it."""
+                      memo: Dict[Tuple[str, str], Tuple[Optional[str], Optional[str]]]) -> Optional[str]:
+    """The overrides apply to the base training config together (the schema of configs/base.yaml, and the
+    defense's constructor for ``defense.args.*``); when they do not, each is tried on its own so that the
+    error names the bad key or value (overrides that only make sense together, such as ``query_k`` and its
+    ``pool``, are never checked alone). A public pool file that does not exist yet is not an error of the
+    sweep: its message is returned, and :class:`Frontier` raises it only when that variant is run."""
+    from ..defenses.io import PublicPoolError
     from ..train.config import load_config
     from .runs import override_args, untrained_defense
 
-    def check(ovs: Dict[str, Any], what: str) -> None:
-        try:
-            untrained_defense(layout, load_config(config, override_args(ovs)))
-        except (KeyError, ValueError, TypeError) as e:
-            msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-            _fail(path, f"{where}: bad override {what} (on {config.name}): {msg}")
-    for k, v in overrides.items():
-        mk = (str(config), json.dumps({k: v}, default=str))
+    def error(ovs: Dict[str, Any]) -> Tuple[Optional[str], Optional[str]]:
+        """-> (why the overrides are refused, why they cannot run yet: a missing pool file)"""
+        mk = (str(config), json.dumps(ovs, default=str, sort_keys=True))
         if mk not in memo:
-            check({k: v}, repr(f"{k}: {_show(v)}"))
-            memo[mk] = None
+            try:
+                untrained_defense(layout, load_config(config, override_args(ovs)))
+                memo[mk] = (None, None)
+            except PublicPoolError as e:
+                memo[mk] = (None, str(e)) if "not found" in str(e) else (str(e), None)
+            except (KeyError, ValueError, TypeError) as e:
+                memo[mk] = (str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e), None)
+        return memo[mk]
+
+    msg, missing = error(dict(overrides))
+    if msg is None:
+        return missing
     if len(overrides) > 1:
-        check(overrides, f"combination {describe(overrides)}")
+        for k, v in overrides.items():
+            alone = error({k: v})[0]
+            if alone is not None:
+                _fail(path, f"{where}: bad override {f'{k}: {_show(v)}'!r} (on {config.name}): {alone}")
+        _fail(path, f"{where}: bad override combination {describe(overrides)} (on {config.name}): {msg}")
+    k, v = next(iter(overrides.items()))
+    _fail(path, f"{where}: bad override {f'{k}: {_show(v)}'!r} (on {config.name}): {msg}")
 
 
 def load_sweep(path: os.PathLike, budget: str) -> Dict[str, Any]:
@@ -222,7 +236,7 @@ def load_sweep(path: os.PathLike, budget: str) -> Dict[str, Any]:
     groups = raw.get("sweep") or []
     if not isinstance(groups, list):
         _fail(path, "sweep must be a list of groups {key, label, config, grid | variants, overrides}")
-    specs, group_info, memo = [], [], {}
+    specs, group_info, memo, not_ready = [], [], {}, {}
     for i, g in enumerate(groups):
         if not isinstance(g, Mapping) or not g.get("key") or not g.get("config"):
             _fail(path, f"sweep[{i}] needs a key and a config (a training config), got {g!r}")
@@ -245,8 +259,10 @@ def load_sweep(path: os.PathLike, budget: str) -> Dict[str, Any]:
             if layout["name"] in v["overrides"]:
                 _fail(path, f"sweep group {g['key']!r}: {layout['name']} is the variant's run name (derived from its "
                             f"overrides); do not override it")
-            _validate_variant(path, f"sweep group {g['key']!r}, variant {v['label']!r}", cfg_path, layout,
-                              v["overrides"], memo)
+            why = _validate_variant(path, f"sweep group {g['key']!r}, variant {v['label']!r}", cfg_path, layout,
+                                    v["overrides"], memo)
+            if why is not None:
+                not_ready[v["key"]] = f"{path}: variant {v['key']!r}: {why}"
             run_name = variant_run_name(base_name, cfg_path.name, v["overrides"])
             ovs = [f"{k}={json.dumps(x, default=str)}" for k, x in v["overrides"].items()]
             specs.append({"key": v["key"], "label": v["label"],
@@ -267,7 +283,7 @@ def load_sweep(path: os.PathLike, budget: str) -> Dict[str, Any]:
             _fail(path, f"outputs.{budget} must be {{markdown: <file>, figures_dir: <folder>}}, got {out!r}")
         out = {k: str(out[k]) for k in OUTPUT_KEYS}
     return {"path": str(path), "benchmark": bench, "base_path": str(base_path), "groups": group_info,
-            "variants": sweep_of, "library": [d["key"] for d in chosen], "outputs": out}
+            "variants": sweep_of, "library": [d["key"] for d in chosen], "outputs": out, "not_ready": not_ready}
 
 
 # ---- the sweep as a benchmark ---------------------------------------------------------------------------
@@ -297,6 +313,9 @@ class Frontier(Benchmark):
     def __init__(self, sweep: Dict[str, Any], args: argparse.Namespace):
         self.sweep = sweep
         super().__init__(sweep["benchmark"], args)
+        for e in self.entries:     # a variant whose public pool file is missing runs only once it exists
+            if e.key in sweep.get("not_ready", {}):
+                raise ValueError(sweep["not_ready"][e.key])
         out = Path(args.out_dir) if args.out_dir else None
         if out is not None:
             self.markdown, self.figures = out / "frontier.md", out / "frontier"
