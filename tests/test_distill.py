@@ -197,6 +197,54 @@ def test_cli_train_with_sface_builds_the_cache_once_records_it_and_resumes(tmp_p
 
 
 @needs_sface
+def _policy_trainer(margin: bool, head_seed: int):
+    from hybridmask.defenses import AdaptiveMask
+    from hybridmask.policy import LagrangianReward, Reinforce, StrategyNet
+    from hybridmask.train import PolicySetup
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(N_IDS).repeat_interleave(PER_ID)
+    x = (torch.rand(N_IDS, 3, SIZE, SIZE, generator=g)[y] * 2 - 1 + 0.3 * torch.randn(len(y), 3, SIZE, SIZE, generator=g)).clamp(-1, 1)
+    policy = StrategyNet(seed=5, hidden=16)
+    d = AdaptiveMask(policy=policy, seed=3)
+    model = create_model("tiny_test", stem="freq", in_chans=d.in_channels, grid=SIZE // 8, embedding_size=8)
+    proj = Projection(8, D_T)
+    torch.manual_seed(head_seed)
+    head = create_head("cosface", 8, N_IDS, s=64.0)
+    torch.manual_seed(0)
+    opt = torch.optim.SGD(list(model.parameters()) + list(proj.parameters()), lr=0.0)   # nothing moves
+    setup = PolicySetup(policy, Reinforce(policy, lr=1e-2), LagrangianReward(policy.k_values, utility_target=0.9),
+                        n_fr=1, n_pi=1)
+    return AlternatingTrainer(model, head, opt, TensorDataset(x, y), d, policy=setup,
+                              distill=Distillation(FakeCache(len(y)), weight=1.0, margin=margin, projection=proj),
+                              options=TrainOptions(batch_size=8, seed=5))
+
+
+def test_the_policy_reward_reads_the_loss_the_distilled_recognizer_minimises():
+    """Without the margin loss the head gets no gradient: the policy's FR loss is the cosine distillation loss
+    of its releases (in [0, 2]), whatever the untrained head holds; with the margin loss the head counts."""
+    def policy_fr(margin, head_seed):
+        tr = _policy_trainer(margin, head_seed)
+        out = tr.step(next(iter(tr.batches())))
+        return out, tr
+    a, tr = policy_fr(False, 1)
+    b, _ = policy_fr(False, 2)
+    assert 0.0 <= a["policy/fr_loss"] <= 2.0 and a["policy/fr_loss"] == pytest.approx(b["policy/fr_loss"], abs=1e-6)
+    c, _ = policy_fr(True, 1)
+    e, _ = policy_fr(True, 2)
+    assert c["policy/fr_loss"] > a["policy/fr_loss"] + 1.0 and abs(c["policy/fr_loss"] - e["policy/fr_loss"]) > 1e-3
+    # the per-sample value is the distillation loss of the release against the mix's teacher target
+    from hybridmask.models.teacher import distillation_loss
+    masked, rec = tr.defense.release(tr.batch[0])
+    y, w = tr._labels(rec, tr.batch[1])
+    tr.model.eval()                   # as in the policy steps
+    with torch.no_grad():
+        got = tr._fr_loss(masked, y, w, rec)
+        want = distillation_loss(tr.model(masked), tr.distill.target(tr.batch_indices, tr.batch_flipped, rec),
+                                 weight=1.0, projection=tr.distill.projection)
+    assert got.shape == (8,) and torch.allclose(got, want, atol=1e-5)
+
+
 def test_distillation_term_falls_on_real_faces(tmp_path, celeba16):
     from hybridmask.train.data import TensorFaces
     images, labels = celeba16

@@ -542,6 +542,16 @@ class AlternatingTrainer(CheckpointMixin):
             for m, mom in saved:
                 m.momentum = mom
 
+    def _fr_loss(self, masked, y, w, rec) -> torch.Tensor:
+        """Per-sample FR loss of the policy's reward: the loss the recognizer minimises on these releases (with
+        distillation: the cosine term to the mix's teacher target, plus the margin loss when it is kept; a
+        margin head that distillation leaves untrained would only give noise)."""
+        if self.distill is None:
+            return self.loss_fn(self.model(masked), y, w)
+        target = self.distill.target(self.batch_indices, self.batch_flipped, rec).to(self.device)
+        net = getattr(self.net, "module", self.net)      # the plain module (no DDP hooks under no_grad)
+        return net(masked, y, w, target)[0]
+
     def _policy_steps(self, images, labels, cache) -> Dict[str, float]:
         base, encoded, ctx = cache
         self.model.eval()
@@ -553,7 +563,7 @@ class AlternatingTrainer(CheckpointMixin):
                 with torch.no_grad():
                     masked, rec = self._mix(images, base, encoded, k_all)
                     y, w = self._labels(rec, labels)
-                    fr = self.loss_fn(self.model(masked), y, w)
+                    fr = self._fr_loss(masked, y, w, rec)
                 fr_all = D.all_gather_cat(fr.detach().float())
                 if self.attacker is None:
                     r = self.reward(fr_all.cpu().double(), k_all.cpu())
