@@ -131,18 +131,20 @@ def render(payload: Dict[str, Any], fig_dir: str = "") -> str:
     ]
     for c in payload["candidates"]:
         att = c["attacks"]
-        if not att:
-            continue
-        top = strongest(att)
-        a = att[top]
         every = "; ".join(f"{n} {100 * v['rank1']:.1f} % / {v['ssim']:.3f}" for n, v in att.items())
         declined = "; ".join(f"{n}: declined ({why})" for n, why in c.get("declined", {}).items())
         masking = c["name"] + ("" if not c["args"] else " " + ", ".join(f"{k}={v}" for k, v in c["args"].items()))
         links = "; ".join(f"{n} {100 * v['rank1']:.1f} / {100 * (v['tar@far=0.001'] or 0):.1f} %"
                           for n, v in (c.get("linkage") or {}).items()) or "-"
-        lines.append(f"| {c['label']} | `{masking}` | {top} | {100 * a['rank1']:.1f} % | {a['ssim']:.3f} | "
-                     f"{a['identity_similarity']:.3f} | {every}{'; ' + declined if declined else ''} | {links} |")
-    if fig_dir:
+        if att:
+            a = att[strongest(att)]
+            head = (f"{strongest(att)} | {100 * a['rank1']:.1f} % | {a['ssim']:.3f} | "
+                    f"{a['identity_similarity']:.3f}")
+        else:                          # only linkage was run: no reconstruction to score
+            head = "- (no reconstruction attack run) | - | - | -"
+        lines.append(f"| {c['label']} | `{masking}` | {head} | {every or '-'}{'; ' + declined if declined else ''} "
+                     f"| {links} |")
+    if fig_dir and any(c["attacks"] for c in payload["candidates"]):
         from hybridmask.attacks.harness import slug
         lines += ["", "The strongest attack per candidate (original | masked view | reconstruction, first 6 victims):", ""]
         for c in payload["candidates"]:
@@ -200,7 +202,6 @@ def main(argv=None) -> int:
     from hybridmask.defenses import create_defense
 
     torch.set_num_threads(args.threads)
-    embedder = default_embedder()        # the judge, loaded once (and the linkage attacks' public teacher)
     candidates = parse_candidates(args.candidates)
     out = Path(args.out)
     json_path, md_path = out.with_suffix(".json"), out.with_suffix(".md")
@@ -240,6 +241,7 @@ def main(argv=None) -> int:
         from hybridmask.defenses.io import pool_fingerprint
         print(f"wrote {pool}: {min(args.pool_size, len(data.public))} public faces, SHA-256 {pool_fingerprint(pool)}")
         return 0
+    embedder = default_embedder()        # the judge, loaded once (and the linkage attacks' public teacher)
     params = {"structure": {"n_images": args.structure_images, "refine_epochs": args.structure_refine_epochs},
               "gram": {"epochs": args.gram_epochs},
               "separate": {"n_images": args.structure_images, "refine_epochs": 0},
