@@ -519,3 +519,49 @@ def test_report_marks_recognizers_that_share_weights_with_the_judge(tmp_path):
            "judge)" in md
     assert "Shares weights with the judge" not in B.render_markdown(_payload_of([plain], ["structure"]),
                                                                     tmp_path / "r2.md")
+
+
+def test_an_added_linkage_attack_reuses_the_earlier_attack_results(small_faces_root, tmp_path, capsys, monkeypatch):
+    """Adding a linkage attack to a finished benchmark runs that attack alone: the reconstruction attacks (fitted
+    together) and the other linkage attacks are the earlier result's, with their seeds unchanged."""
+    import shutil
+
+    from hybridmask.benchmark import pipeline
+    cfg = tmp_path / "configs"
+    shutil.copytree(REPO / "configs", cfg)
+    raw = yaml.safe_load((cfg / "benchmark.yaml").read_text())
+    out = tmp_path / "out"
+
+    def invoke(*extra):
+        return cli_main(["benchmark", "--config", str(cfg / "benchmark.yaml"), "--budget", "tiny", "--data",
+                         str(small_faces_root), "--out-dir", str(out), "--defense-seed", "3", "--only", "unprotected",
+                         "--quiet", *extra])
+    assert invoke() == 0
+    first = _payload(out)["defenses"][0]["attacks"]
+    old_dir = Path(_payload(out)["defenses"][0]["attack_cache"])
+    settings = json.loads((old_dir / "settings.json").read_text())
+    assert settings["attacks"] == _payload(out)["attack_settings"] and settings["attacks"]["run"][-1] == "linkage"
+
+    raw["budgets"]["tiny"]["attacks"]["run"] = {"linkage_raw": {"attack": "linkage", "front": "none",
+                                                                 "text": "SFace reads the raw query"}}
+    (cfg / "benchmark.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    capsys.readouterr()
+    assert invoke("--dry-run") == 0
+    assert f"cgan_whitebox (reused from {old_dir.name})" in capsys.readouterr().out
+
+    def refit(*a, **k):
+        raise AssertionError("the reconstruction attacks were fitted again")
+    monkeypatch.setattr(pipeline, "attack", refit)
+    assert invoke() == 0
+    row = _payload(out)["defenses"][0]
+    second = row["attacks"]
+    assert Path(row["attack_cache"]) != old_dir and second["reused_from"] == old_dir.name
+    assert second["attacks"] == first["attacks"] and second["linkage"]["linkage"] == first["linkage"]["linkage"]
+    lk = second["linkage"]["linkage_raw"]
+    assert 0.0 <= lk["rank1"] <= lk["rank5"] <= 1.0 and lk["seconds"] >= 0
+    assert (Path(row["attack_cache"]) / "grid.png").is_file()
+    # a changed parameter of an attack it has is no reuse: everything runs again
+    raw["budgets"]["tiny"]["attacks"]["params"]["cgan"]["epochs"] = 2
+    (cfg / "benchmark.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(AssertionError, match="fitted again"):
+        invoke()

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +137,46 @@ def run_linkage(defense, attack, data, embedder) -> Dict[str, Any]:
     return out
 
 
+def attack_seed(seed: int, order: List[str], label: str) -> int:
+    """An attack's seed: the benchmark's seed and the attack's place in the display order."""
+    return seed + 1000 * (order.index(label) + 1)
+
+
+def add_linkage(e: Entry, victim: Victim, specs: List[AttackSpec], headline: str, new: List[str], old: Dict[str, Any],
+                old_dir: Path, data, embedder, cache: Path, seed: int, device: str, progress: bool,
+                log: Callable[[str], None]) -> Dict[str, Any]:
+    """An earlier attack result of the same run and settings (``old``, from ``old_dir``) plus the linkage attacks
+    ``new`` it lacks: linkage attacks neither feed nor read the reconstruction attacks, and keep the seeds a full
+    run would give them, so the result equals a full rerun. Writes ``cache`` (``results.json``, the old
+    ``grid.png``)."""
+    import copy
+
+    from ..attacks.harness import write_json
+    order = display_order(specs, headline)
+    res = copy.deepcopy(old)
+    wanted = [s for s in specs if s.label in new]
+    run, skipped = plan_attacks(wanted, victim.defense)
+    res.setdefault("skipped", {}).update(skipped)
+    res.setdefault("linkage", {})
+    recognizer = victim.recognizer if device == "cpu" else OnDevice(victim.recognizer, device)
+    known = {"recognizer": recognizer, **victim.facts}
+    log(f"{e.label}: attack results of {old_dir.name} reused; adding {', '.join(new)}")
+    t = time.time()
+    for s in run:
+        lk = run_linkage(victim.defense, build_attack(s, known, attack_seed(seed, order, s.label), progress, device),
+                         data, embedder)
+        res["linkage"][s.label] = lk
+        log(f"   {s.label} (linkage): rank-1 {lk['rank1']:.2f} TAR@FAR=1e-3 {lk.get('tar@far=0.001', float('nan')):.2f}"
+            f" ({lk['seconds']:.0f} s)")
+    res["reused_from"] = old_dir.name
+    res["seconds_total"] = round(float(old.get("seconds_total") or 0.0) + time.time() - t, 1)
+    cache.mkdir(parents=True, exist_ok=True)
+    if (old_dir / "grid.png").is_file():
+        shutil.copyfile(old_dir / "grid.png", cache / "grid.png")
+    write_json(cache / "results.json", res)
+    return res
+
+
 def attack(e: Entry, victim: Victim, specs: List[AttackSpec], headline: str, data, embedder, cache: Path,
            seed: int, device: str, progress: bool, log: Callable[[str], None]) -> Dict[str, Any]:
     """Fit every applicable attack on the public faces, attack the victims, score; writes ``cache``
@@ -149,7 +190,7 @@ def attack(e: Entry, victim: Victim, specs: List[AttackSpec], headline: str, dat
     known = {"recognizer": recognizer, **victim.facts}
 
     def build(s: AttackSpec):
-        return build_attack(s, known, seed + 1000 * (order.index(s.label) + 1), progress, device)
+        return build_attack(s, known, attack_seed(seed, order, s.label), progress, device)
     attacks = {s.label: Recorded(build(s)) for s in run if s.kind == "reconstruction"}
     linkers = [s for s in run if s.kind == "linkage"]
     log(f"{e.label}: attacks {', '.join([*attacks, *(s.label for s in linkers)])} against {e.run_dir}")
@@ -184,4 +225,5 @@ def attack(e: Entry, victim: Victim, specs: List[AttackSpec], headline: str, dat
     return res
 
 
-__all__ = ["Victim", "train", "load_victim", "run_recognizer", "verify", "attack", "run_linkage", "mean_k"]
+__all__ = ["Victim", "train", "load_victim", "run_recognizer", "verify", "attack", "add_linkage", "attack_seed",
+           "run_linkage", "mean_k"]

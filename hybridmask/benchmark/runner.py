@@ -72,9 +72,48 @@ class Benchmark:
                 "defense_seed": self.defense_seed, "seed": self.seed, "judge": "sface",
                 "data_root": str(self.data_root), "device": str(at.get("device") or "cpu")}
 
+    def attack_blob(self, e: Entry) -> Dict[str, Any]:
+        """What an attack result depends on (its cache key, also written beside it as ``settings.json``)."""
+        return jsonable({"v": CACHE_VERSION, "run": e.hash, "run_dir": str(e.run_dir),
+                         "attacks": self.attack_settings()})
+
     def attack_cache(self, e: Entry) -> Path:
-        blob = {"v": CACHE_VERSION, "run": e.hash, "run_dir": str(e.run_dir), "attacks": self.attack_settings()}
-        return self.work_dir / "attacks" / f"{e.key}-{config_hash(jsonable(blob))}"
+        return self.work_dir / "attacks" / f"{e.key}-{config_hash(self.attack_blob(e))}"
+
+    def reusable(self, e: Entry):
+        """An earlier attack result of ``e`` that differs from what this benchmark asks only by linkage attacks
+        it lacks -> ``(its folder, its results, the missing labels)``, or None. Everything else must be equal:
+        the run, the victims and public faces, the judge, seeds, every attack it has (same parameters, same
+        place in the display order, hence the same seed) and no reconstruction attack missing (the
+        reconstruction attacks are fitted together: demix decodes with the cgan)."""
+        want = self.attack_blob(e)
+        wa = want["attacks"]
+        found = []
+        for d in (self.work_dir / "attacks").glob(f"{e.key}-*"):
+            try:
+                old = _read_json(d / "settings.json")
+                res = _read_json(d / "results.json")
+            except (OSError, ValueError):
+                continue
+            oa = old.get("attacks") or {}
+            if {k: v for k, v in old.items() if k != "attacks"} != {k: v for k, v in want.items() if k != "attacks"}:
+                continue
+            if {k: v for k, v in oa.items() if k not in ("run", "attacks", "text")} != \
+                    {k: v for k, v in wa.items() if k not in ("run", "attacks", "text")}:
+                continue
+            olds, news = oa.get("attacks") or {}, wa["attacks"]
+            if any(news.get(lab) != spec for lab, spec in olds.items()):
+                continue
+            if any(wa["run"].index(lab) != i for i, lab in enumerate(oa.get("run") or []) if lab in wa["run"]):
+                continue
+            missing = [lab for lab in wa["run"] if lab not in olds]
+            if not missing or any(news[lab]["kind"] != "linkage" for lab in missing):
+                continue
+            found.append((d.stat().st_mtime, d, res, missing))
+        if not found:
+            return None
+        _, d, res, missing = max(found, key=lambda t: (-len(t[3]), t[0]))
+        return d, res, missing
 
     def cached(self, e: Entry) -> bool:
         return (self.attack_cache(e) / "results.json").is_file() and not self.args.rerun_attacks
@@ -131,11 +170,14 @@ class Benchmark:
             labels = [a for a in display_order(self.specs, self.headline) if a in {s.label for s in run}]
             s = 0.0
             cached = self.cached(e)
+            prev = None if cached or self.args.rerun_attacks else self.reusable(e)
+            todo = labels if prev is None else [a for a in labels if a in prev[2]]   # what still has to run
             if est and not cached:
-                s = sum(float(per_attack.get(a, 0)) for a in labels) + float(est.get("per_defense_seconds") or 0)
+                s = sum(float(per_attack.get(a, 0)) for a in todo) + float(est.get("per_defense_seconds") or 0)
                 need_setup = True
             total_att += s
-            names = [f"{a} ~{fmt_minutes(float(per_attack[a]))}" if est and not cached and a in per_attack else a
+            names = [f"{a} ~{fmt_minutes(float(per_attack[a]))}" if est and a in todo and not cached
+                     and a in per_attack else a if a in todo or cached else f"{a} (reused from {prev[0].name})"
                      for a in labels]
             slow |= {a for a in labels if float(per_attack.get(a, 0)) > ATTACK_LIMIT_SECONDS} if est else set()
             extra = "; ".join(f"{a}: n/a ({why})" for a, why in skipped.items())
@@ -195,8 +237,17 @@ class Benchmark:
         else:
             data, embedder = self.attack_data()
             t = time.time()
-            att = pipeline.attack(e, get_victim(), self.specs, self.headline, data, embedder, cache, self.seed,
-                                  str(resolve_device(self.attack_cfg.get("device") or "cpu")), self.progress, self.log)
+            device = str(resolve_device(self.attack_cfg.get("device") or "cpu"))
+            prev = None if self.args.rerun_attacks else self.reusable(e)
+            if prev is not None:       # only linkage attacks are new: the rest of an earlier result stands
+                old_dir, old, missing = prev
+                att = pipeline.add_linkage(e, get_victim(), self.specs, self.headline, missing, old, old_dir, data,
+                                           embedder, cache, self.seed, device, self.progress, self.log)
+            else:
+                att = pipeline.attack(e, get_victim(), self.specs, self.headline, data, embedder, cache, self.seed,
+                                      device, self.progress, self.log)
+            from ..attacks.harness import write_json
+            write_json(cache / "settings.json", self.attack_blob(e))
             self.timings[f"attacks/{e.key}"] = round(time.time() - t, 1)
         return self.row(e, ver, att)
 
