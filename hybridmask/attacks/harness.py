@@ -73,9 +73,7 @@ def mixed_scores(recon: torch.Tensor, record, victims: torch.Tensor, victim_labe
     :class:`~hybridmask.freq.MixRecord` whose indices point into ``victims``): ``rank1_dominant`` - the
     nearest gallery identity is the identity with the largest weight in the mix; ``rank1_any`` - it is
     any identity of the mix (weight > 0); SSIM / identity similarity against the dominant face."""
-    idx, w = record.indices.cpu(), record.weights.cpu()
-    if w.dim() == 3:                                       # per-channel weights: a face's mean weight
-        w = w.mean(dim=2)
+    idx, w = record.indices.cpu(), record.label_weights.cpu()   # a face's weight (per-channel weights: their mean)
     if record.source != "batch" or idx.shape[0] != recon.shape[0]:
         raise ValueError("mixed_scores needs a record of in-batch partners, one row per reconstruction")
     labels = list(victim_labels)
