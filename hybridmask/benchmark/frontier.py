@@ -262,7 +262,8 @@ def load_sweep(path: os.PathLike, budget: str) -> Dict[str, Any]:
             why = _validate_variant(path, f"sweep group {g['key']!r}, variant {v['label']!r}", cfg_path, layout,
                                     v["overrides"], memo)
             if why is not None:
-                not_ready[v["key"]] = f"{path}: variant {v['key']!r}: {why}"
+                not_ready[v["key"]] = (f"{path}: variant {v['key']!r}: {why} (write the pool first, as the config's "
+                                       f"comment on the variant says, or leave the variant out with --only)")
             run_name = variant_run_name(base_name, cfg_path.name, v["overrides"])
             ovs = [f"{k}={json.dumps(x, default=str)}" for k, x in v["overrides"].items()]
             specs.append({"key": v["key"], "label": v["label"],
