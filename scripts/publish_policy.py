@@ -22,7 +22,7 @@ from hybridmask.utils.io import write_manifest_entry
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def publish(run, to=None, name=None) -> dict:
+def publish(run, to=None, name=None, command=None) -> dict:
     """Copy ``<run>/policy.pt`` to ``<to>/<name>.pt`` with a fresh card ``<to>/<name>.md``; returns
     ``{"policy": path, "card": path, "sha256": hex, "row": index row}``. ``ValueError`` naming the problem."""
     run = Path(run)
@@ -61,7 +61,8 @@ def publish(run, to=None, name=None) -> dict:
     ver = results.get("verification") or {}
     acc = ", ".join(f"{t} {100 * m['accuracy']:.2f}" for t, m in ver.items() if m.get("accuracy") is not None)
     khist = "/".join(f"{100 * v:.0f}" for v in run_k_hist(results).values())
-    row = (f"| {name} | [`{name}.pt`]({name}.pt) | `hybridmask train --config configs/{name}.yaml` | {data} | "
+    command = command or f"hybridmask train --config configs/{name}.yaml"
+    row = (f"| {name} | [`{name}.pt`]({name}.pt) | `{command}` | {data} | "
            f"{steps} steps x {bs} | k={'/'.join(str(k) for k in policy.k_values)}: {khist} % | "
            f"{acc or 'not measured'} | [{name}.md]({name}.md) |")
     return {"policy": str(dst), "card": str(card), "sha256": digest, "row": row, "meta": meta}
@@ -72,9 +73,12 @@ def main(argv=None) -> int:
     p.add_argument("run", help="run folder holding results.json and policy.pt")
     p.add_argument("--to", default=None, help="destination folder (default: the repository's policies/)")
     p.add_argument("--name", default=None, help="published name (default: the run name)")
+    p.add_argument("--command", default=None,
+                   help="the command that trained it, for the index row (default: hybridmask train --config "
+                        "configs/<name>.yaml)")
     args = p.parse_args(argv)
     try:
-        out = publish(args.run, args.to, args.name)
+        out = publish(args.run, args.to, args.name, args.command)
     except ValueError as e:
         raise SystemExit(f"publish_policy: {e}")
     print(f"wrote {out['policy']} (SHA-256 {out['sha256']})")

@@ -550,10 +550,13 @@ def test_cli_quickstart_end_to_end(tmp_path, capsys):
     assert (tmp_path / "pols" / "quickstart.pt").read_bytes() == (run / "policy.pt").read_bytes()
     pcard = (tmp_path / "pols" / "quickstart.md").read_text()
     assert "published from" in pcard and "not in the repository" not in pcard
+    assert "The FR loss is the recognizer's mixed-label margin loss." in pcard and "Attacker in the loop" not in pcard
     assert hashlib.sha256((run / "policy.pt").read_bytes()).hexdigest()[:16] in pcard
     assert sorted(p.name for p in (tmp_path / "pols").iterdir()) == ["SHA256SUMS", "quickstart.md", "quickstart.pt"]  # no temp files
     digest = hashlib.sha256((tmp_path / "pols" / "quickstart.pt").read_bytes()).hexdigest()
     assert (tmp_path / "pols" / "SHA256SUMS").read_text() == f"{digest}  quickstart.pt\n"   # loading verifies it
+    assert pub.main([str(run), "--to", str(tmp_path / "pols3"), "--command", "hybridmask frontier --only x"]) == 0
+    assert "| `hybridmask frontier --only x` |" in capsys.readouterr().out    # the command that trained it
     with pytest.raises(SystemExit, match="no policy|policy.pt"):       # a run without a trained policy
         (run / "policy.pt").rename(run / "policy.moved")
         pub.main([str(run), "--to", str(tmp_path / "pols2")])

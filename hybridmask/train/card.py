@@ -43,6 +43,25 @@ def _pct(v: Optional[float]) -> str:
     return "n/a" if v is None else f"{100 * float(v):.1f} %"
 
 
+def _reward_note(results: Dict[str, Any]) -> str:
+    """What the FR loss of the reward is (the recognizer's own objective) and the attacker in the loop, if any."""
+    cfg = results.get("config", {})
+    teacher = results.get("teacher") or {}
+    if teacher:
+        fr = (f"The FR loss is the one the recognizer minimises: it was distilled from `{teacher.get('spec')}` "
+              f"(`1 - cos` to the teacher's embedding of the mix{', plus the margin loss' if teacher.get('margin') else ''})"
+              + (f"; {teacher['note']}" if teacher.get("note") else "") + ".")
+    else:
+        fr = "The FR loss is the recognizer's mixed-label margin loss."
+    att = (cfg.get("reward") or {}).get("attacker") or {}
+    if att.get("name") and att.get("name") != "none" and float(att.get("weight") or 0) > 0:
+        fr += (f" **Attacker in the loop**: a `{att.get('name')}` attacker trained alongside (width {att.get('width')}, "
+               f"{att.get('size')}x{att.get('size')} grey target, {att.get('steps')} Adam step(s) per policy step); its "
+               f"out-of-sample reconstruction error is weighted {att.get('weight')} in the privacy term "
+               f"(docs/policy.md#attacker-in-the-loop-hybridmaskpolicyattacker).")
+    return fr
+
+
 def policy_card(results: Dict[str, Any], policy, reward=None, file_note: Optional[str] = None) -> str:
     """``file_note``: where the weights live (default: the run folder's ``policy.pt``, not committed)."""
     cfg = results.get("config", {})
@@ -77,6 +96,7 @@ hybrid masking mixes (Wang et al. 2024, arXiv 2403.10558). It was trained with R
 {cfg.get('train', {}).get('n_fr')} recognizer steps with {cfg.get('train', {}).get('n_pi')} policy step(s), on the reward
 `R = P(FR loss) - mu * c(k)` with the utility constraint U >= {rw.get('utility_target')} (U = held-out identification
 accuracy of k=1 masked queries; mu by dual ascent, cost `{rw.get('cost')}`).
+{_reward_note(results)}
 
 Load it with `hybridmask.defenses.load_defense("<this file>")` (the adaptive defense driven by it), or
 `create_defense("adaptive", policy_path=...)` / `load_policy`.
