@@ -175,7 +175,7 @@ def _validate_variant(path: Path, where: str, config: Path, layout: Dict[str, An
     error names the bad key or value (overrides that only make sense together, such as ``query_k`` and its
     ``pool``, are never checked alone). A public pool file that does not exist yet is not an error of the
     sweep: its message is returned, and :class:`Frontier` raises it only when that variant is run."""
-    from ..defenses.io import PublicPoolError
+    from ..defenses.io import PublicPoolMissing
     from ..train.config import load_config
     from .runs import override_args, untrained_defense
 
@@ -186,8 +186,8 @@ def _validate_variant(path: Path, where: str, config: Path, layout: Dict[str, An
             try:
                 untrained_defense(layout, load_config(config, override_args(ovs)))
                 memo[mk] = (None, None)
-            except PublicPoolError as e:
-                memo[mk] = (None, str(e)) if "not found" in str(e) else (str(e), None)
+            except PublicPoolMissing as e:
+                memo[mk] = (None, str(e))
             except (KeyError, ValueError, TypeError) as e:
                 memo[mk] = (str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e), None)
         return memo[mk]

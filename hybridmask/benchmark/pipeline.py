@@ -137,6 +137,12 @@ def run_linkage(defense, attack, data, embedder) -> Dict[str, Any]:
     return out
 
 
+def _known(victim: Victim, device: str) -> Dict[str, Any]:
+    """What the attacks' ``$name`` parameters are bound to: the run's recognizer (on ``device``) and its facts."""
+    recognizer = victim.recognizer if device == "cpu" else OnDevice(victim.recognizer, device)
+    return {"recognizer": recognizer, **victim.facts}
+
+
 def attack_seed(seed: int, order: List[str], label: str) -> int:
     """An attack's seed: the benchmark's seed and the attack's place in the display order."""
     return seed + 1000 * (order.index(label) + 1)
@@ -158,8 +164,7 @@ def add_linkage(e: Entry, victim: Victim, specs: List[AttackSpec], headline: str
     run, skipped = plan_attacks(wanted, victim.defense)
     res.setdefault("skipped", {}).update(skipped)
     res.setdefault("linkage", {})
-    recognizer = victim.recognizer if device == "cpu" else OnDevice(victim.recognizer, device)
-    known = {"recognizer": recognizer, **victim.facts}
+    known = _known(victim, device)
     log(f"{e.label}: attack results of {old_dir.name} reused; adding {', '.join(new)}")
     t = time.time()
     for s in run:
@@ -186,8 +191,7 @@ def attack(e: Entry, victim: Victim, specs: List[AttackSpec], headline: str, dat
     from ..attacks.harness import evaluate_defense, save_grid, write_json
     order = display_order(specs, headline)
     run, skipped = plan_attacks(specs, victim.defense)
-    recognizer = victim.recognizer if device == "cpu" else OnDevice(victim.recognizer, device)
-    known = {"recognizer": recognizer, **victim.facts}
+    known = _known(victim, device)
 
     def build(s: AttackSpec):
         return build_attack(s, known, attack_seed(seed, order, s.label), progress, device)

@@ -92,7 +92,6 @@ class Benchmark:
         for d in (self.work_dir / "attacks").glob(f"{e.key}-*"):
             try:
                 old = _read_json(d / "settings.json")
-                res = _read_json(d / "results.json")
             except (OSError, ValueError):
                 continue
             oa = old.get("attacks") or {}
@@ -108,6 +107,10 @@ class Benchmark:
                 continue
             missing = [lab for lab in wa["run"] if lab not in olds]
             if not missing or any(news[lab]["kind"] != "linkage" for lab in missing):
+                continue
+            try:
+                res = _read_json(d / "results.json")
+            except (OSError, ValueError):
                 continue
             found.append((d.stat().st_mtime, d, res, missing))
         if not found:

@@ -66,6 +66,10 @@ class PublicPoolError(ValueError):
     """A public pool that is missing, unreadable, or not the one a defense recorded (its SHA-256 differs)."""
 
 
+class PublicPoolMissing(PublicPoolError):
+    """A public pool whose path does not exist (yet)."""
+
+
 # ---- public pools ----------------------------------------------------------------------------------
 #: keys a ``.pt`` pool file may hold its faces under (else the file is the tensor itself)
 POOL_TENSOR_KEYS = ("images", "faces")
@@ -182,7 +186,7 @@ class PublicPool:
         self.spec = str(path)
         sha256 = _check_sha(sha256)
         if not self.path.exists():
-            raise PublicPoolError(f"public pool {self.spec} not found" + (
+            raise PublicPoolMissing(f"public pool {self.spec} not found" + (
                 f" (the defense was built with the pool of SHA-256 {sha256[:16]}...: put that pool at this path, or "
                 f"give its new place with overrides={{'pool': PATH}})" if sha256 else ""))
         fp = pool_fingerprint(self.path)
