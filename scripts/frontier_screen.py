@@ -137,9 +137,9 @@ def render(payload: Dict[str, Any], fig_dir: str = "") -> str:
         links = "; ".join(f"{n} {100 * v['rank1']:.1f} / {100 * (v['tar@far=0.001'] or 0):.1f} %"
                           for n, v in (c.get("linkage") or {}).items()) or "-"
         if att:
-            a = att[strongest(att)]
-            head = (f"{strongest(att)} | {100 * a['rank1']:.1f} % | {a['ssim']:.3f} | "
-                    f"{a['identity_similarity']:.3f}")
+            top = strongest(att)
+            a = att[top]
+            head = f"{top} | {100 * a['rank1']:.1f} % | {a['ssim']:.3f} | {a['identity_similarity']:.3f}"
         else:                          # only linkage was run: no reconstruction to score
             head = "- (no reconstruction attack run) | - | - | -"
         lines.append(f"| {c['label']} | `{masking}` | {head} | {every or '-'}{'; ' + declined if declined else ''} "
@@ -298,15 +298,13 @@ def main(argv=None) -> int:
                      "declined": {**prev["declined"], **declined}, "attacks": {**prev["attacks"], **entry["attacks"]},
                      "linkage": {**(prev.get("linkage") or {}), **links}}
         results.append(entry)
-        if res.get("grids") and entry["attacks"]:      # the strongest attack's grid, small, into the docs
-            top = strongest(entry["attacks"])
-            if top in res["grids"]:
-                small_figure(Path(res["grids"][top]), out / f"{slug(label)}_{slug(top)}.png")
+        top = strongest(entry["attacks"]) if entry["attacks"] else None
+        if top is not None and top in (res.get("grids") or {}):   # the strongest attack's grid, small, into the docs
+            small_figure(Path(res["grids"][top]), out / f"{slug(label)}_{slug(top)}.png")
         payload = {"settings": settings, "candidates": results + others}
         write_json(json_path, payload)
         md_path.write_text(render(payload, out.name))
-        if entry["attacks"]:
-            top = strongest(entry["attacks"])
+        if top is not None:
             print(f"[{label}] strongest {top}: rank-1 {100 * entry['attacks'][top]['rank1']:.1f} %, "
                   f"SSIM {entry['attacks'][top]['ssim']:.3f} ({entry['seconds']:.0f} s)", flush=True)
     payload = {"settings": settings, "candidates": results + others}
