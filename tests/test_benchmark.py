@@ -541,6 +541,9 @@ def test_an_added_linkage_attack_reuses_the_earlier_attack_results(small_faces_r
     old_dir = Path(_payload(out)["defenses"][0]["attack_cache"])
     settings = json.loads((old_dir / "settings.json").read_text())
     assert settings["attacks"] == _payload(out)["attack_settings"] and settings["attacks"]["run"][-1] == "linkage"
+    legacy = old_dir.parent / "unprotected-000000000000"      # a cache written before settings.json existed:
+    legacy.mkdir()                                           # never a candidate, never a crash
+    (legacy / "results.json").write_text("{}")
 
     raw["budgets"]["tiny"]["attacks"]["run"] = {"linkage_raw": {"attack": "linkage", "front": "none",
                                                                  "text": "SFace reads the raw query"}}

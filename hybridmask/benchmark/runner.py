@@ -90,9 +90,8 @@ class Benchmark:
         wa = want["attacks"]
         found = []
         for d in (self.work_dir / "attacks").glob(f"{e.key}-*"):
-            try:
-                old = _read_json(d / "settings.json")
-            except (OSError, ValueError):
+            old = _read_json(d / "settings.json")
+            if not isinstance(old, dict):      # no settings.json (a cache older than it) or unreadable
                 continue
             oa = old.get("attacks") or {}
             if {k: v for k, v in old.items() if k != "attacks"} != {k: v for k, v in want.items() if k != "attacks"}:
@@ -108,9 +107,8 @@ class Benchmark:
             missing = [lab for lab in wa["run"] if lab not in olds]
             if not missing or any(news[lab]["kind"] != "linkage" for lab in missing):
                 continue
-            try:
-                res = _read_json(d / "results.json")
-            except (OSError, ValueError):
+            res = _read_json(d / "results.json")
+            if not isinstance(res, dict):
                 continue
             found.append((d.stat().st_mtime, d, res, missing))
         if not found:
