@@ -2,7 +2,7 @@
 """The privacy-utility benchmark: a thin wrapper of ``hybridmask benchmark`` (same options).
 
     python scripts/benchmark.py --budget small --dry-run     # which runs are reused / trained, the estimate
-    python scripts/benchmark.py --budget small               # docs/results.md, docs/results/
+    python scripts/benchmark.py --budget small               # docs/results_small.md, docs/results_small/
 
 See ``hybridmask/benchmark/`` (the package) and ``configs/benchmark.yaml``.
 """

@@ -416,6 +416,16 @@ def test_second_invocation_reuses_runs_and_changed_config_is_trained_apart(tiny_
     assert {p: p.stat().st_mtime_ns for p in runs.glob("*/*") if p.is_file()} == before   # nothing rewritten
     assert {r["status"] for r in _payload(out)["defenses"]} == {"reuse"}
 
+    # --measured: what is on disk; an untrained defense is named in the report, never trained
+    assert _invoke(root, out, "--only", "unprotected,ppfrfd", "--measured") == 0
+    p = _payload(out)
+    assert [r["key"] for r in p["defenses"]] == ["unprotected"] and not (runs / "celeba_ppfrfd").exists()
+    assert [d["key"] for d in p["not_measured"]] == ["ppfrfd"] and "--measured" in p["benchmark"]["command"]
+    assert "computes nothing): PPFR-FD (`ppfrfd`: no finished training run)." in (out / "results.md").read_text()
+    capsys.readouterr()
+    assert _invoke(root, out, "--only", "ppfrfd", "--measured") != 0
+    assert "--measured: no selected defense is measured" in capsys.readouterr().err
+
     # a changed config is not reused: it trains in <name>-<hash>/, the finished run stays as it was
     assert _invoke(root, out, "--only", "fixed_k2", "--override", "train.steps=4") == 0
     row = _payload(out)["defenses"][0]
@@ -551,6 +561,13 @@ def test_an_added_linkage_attack_reuses_the_earlier_attack_results(small_faces_r
     capsys.readouterr()
     assert invoke("--dry-run") == 0
     assert f"cgan_whitebox (reused from {old_dir.name})" in capsys.readouterr().out
+    # --measured reports the earlier result as it is and names the linkage attack that did not run
+    caches = sorted(old_dir.parent.iterdir())
+    assert invoke("--measured") == 0
+    row = _payload(out)["defenses"][0]
+    assert row["attacks"]["not_run"] == ["linkage_raw"] and row["attack_cache"] == str(old_dir)
+    assert "not run yet on some rows (`--measured`): unprotected (pixels): linkage_raw." in (out / "results.md").read_text()
+    assert sorted(old_dir.parent.iterdir()) == caches                  # no attack ran: no new cache
 
     def refit(*a, **k):
         raise AssertionError("the reconstruction attacks were fitted again")

@@ -75,10 +75,11 @@ def test_run_names_are_stable_unique_and_derived_from_the_overrides():
         F.variant_run_name("celeba_ppfrfd", "celeba_ppfrfd.yaml", {"defense.args.u": 2})
 
 
-def _sweep_file(tmp_path: Path, sweep, defenses="all", bench=None, name="f.yaml") -> Path:
+def _sweep_file(tmp_path: Path, sweep, defenses="all", bench=None, name="f.yaml", **extra) -> Path:
     groups = [dict(g, config=str(CONFIGS / g["config"])) for g in sweep]
     d = {"benchmark": str(bench or CONFIGS / "benchmark.yaml"), "defenses": defenses, "sweep": groups,
-         "outputs": {"tiny": {"markdown": str(tmp_path / "o" / "frontier.md"), "figures_dir": str(tmp_path / "o" / "f")}}}
+         "outputs": {"tiny": {"markdown": str(tmp_path / "o" / "frontier.md"), "figures_dir": str(tmp_path / "o" / "f")}},
+         **extra}
     p = tmp_path / name
     p.write_text(yaml.safe_dump(d, sort_keys=False))
     return p
@@ -300,3 +301,35 @@ def test_tiny_sweep_end_to_end_and_a_second_invocation_reuses_everything(small_f
     assert {q: q.stat().st_mtime_ns for q in runs.glob("*/*") if q.is_file()} == before
     again = json.loads((out / "frontier" / F.JSON_FILE).read_text())["points"]
     assert [(q["key"], q["lfw"], q["rank1"]) for q in again] == [(q["key"], q["lfw"], q["rank1"]) for q in payload["points"]]
+
+
+def test_target_assessment_is_computed_from_the_points(tmp_path):
+    """The 'what is achieved' paragraph: which points meet the target's halves, linkage, and each adaptive point
+    against the fixed configurations at equal or higher accuracy; a bad target is refused by name."""
+    lk = {"linkage": {"rank1": 0.5, "tar@far=0.001": 0.2}}
+    rows = [_row("unprotected", "unprotected (pixels)", 0.993, 0.93, {"cgan_whitebox": (1.0, 0.7, 0.72)}),
+            _row("good", "good masking", 0.985, 0.91, {"demix": (0.05, 0.1, 0.30)}, linkage=lk),
+            _row("mid", "mid masking", 0.97, 0.85, {"demix": (0.30, 0.1, 0.31)}),
+            _row("adapt", "adaptive", 0.96, 0.80, {"cgan_whitebox": (0.40, 0.1, 0.37)})]
+    rows[-1]["defense"] = "adaptive"
+    payload = {"attack_settings": {"headline": "strongest"}, "defenses": rows}
+    pts = F.frontier_points(payload, {"variants": {}})
+    target = {"rank1": 0.10, "ssim": 0.40, "lfw": 0.98, "cfp_fp": 0.90, "linkage": 0.10}
+    text = "\n".join(F.target_assessment(pts, target))
+    assert "query rank-1 <= 10 %; SSIM <= 0.4; LFW >= 98 %; CFP-FP >= 90 %; linkage rank-1 <= 10 %" in text
+    assert "**Met** (privacy and utility) by: good masking (LFW 98.5 %" in text
+    assert "With linkage too: **none**" in text
+    assert "Most private configuration that keeps the utility half: good masking" in text
+    assert "Adaptive policy **below the front of the fixed configurations**: adaptive (LFW 96.0 %" in text
+    assert "dominated by good masking" in text and "and 1 other(s)" in text   # the most private dominator; mid too
+    # nothing meets it: said plainly
+    text = "\n".join(F.target_assessment([p for p in pts if p["key"] != "good"], target))
+    assert "**Not met by any of the 3 measured configurations.**" in text
+    assert "Most useful configuration that keeps the privacy half: none keeps it" in text
+    for bad in ({"rank1": 10}, {"accuracy": 0.9}, {"lfw": "high"}, []):
+        p = _sweep_file(tmp_path, [{"key": "p", "label": "P", "config": "celeba_ppfrfd.yaml",
+                                    "variants": [{"defense.args.u": 2}]}], name="t.yaml", target=bad)
+        with pytest.raises(ValueError, match="target"):
+            F.load_sweep(p, "tiny")
+    from hybridmask.benchmark.plot import frontier_plot
+    assert frontier_plot(pts, tmp_path / "t.png", {"budget": "tiny", "seed": 0}, None, target)   # the target region

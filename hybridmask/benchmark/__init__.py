@@ -1,7 +1,7 @@
 """``hybridmask benchmark``: the privacy-utility benchmark of every defense, under one protocol.
 
     hybridmask benchmark --config configs/benchmark.yaml --budget small --dry-run   # the plan only
-    hybridmask benchmark --config configs/benchmark.yaml --budget small             # docs/results.md
+    hybridmask benchmark --config configs/benchmark.yaml --budget small             # docs/results_small.md
 
 For each defense of the benchmark config (one training config each) it runs
 ``train -> load_defense -> verify -> attack`` (:mod:`.pipeline`):

@@ -31,6 +31,10 @@ def add_arguments(p: argparse.ArgumentParser, config: str = "configs/benchmark.y
     p.add_argument("--defense-seed", type=int, default=None,
                    help="seed of the victims' masking secrets in the attacks (default: secure OS seed)")
     p.add_argument("--rerun-attacks", action="store_true", help="ignore cached attack results")
+    p.add_argument("--measured", action="store_true",
+                   help="report what is on disk and compute nothing: the defenses with a finished run, its "
+                        "verification and attack results (an earlier result lacking only linkage attacks counts); "
+                        "the report names the defenses left out and the attacks not run")
     p.add_argument("--busy-seconds", type=float, default=300.0,
                    help="an unfinished run folder written within this many seconds is another process's: wait")
     p.add_argument("--threads", type=int, default=2, help="torch threads for verification and attacks")

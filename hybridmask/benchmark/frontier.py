@@ -36,7 +36,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .runner import Benchmark
 
-SWEEP_KEYS = {"benchmark", "defenses", "sweep", "outputs"}
+SWEEP_KEYS = {"benchmark", "defenses", "sweep", "outputs", "target"}
+#: the target a point must meet (fractions): query rank-1 and SSIM at most, accuracies at least; linkage at most
+TARGET_KEYS = {"rank1": "<=", "ssim": "<=", "lfw": ">=", "cfp_fp": ">=", "linkage": "<="}
 GROUP_KEYS = {"key", "label", "config", "overrides", "grid", "variants"}
 VARIANT_META = {"key", "label"}          # besides dotted overrides, in an explicit variant
 OUTPUT_KEYS = {"markdown", "figures_dir"}
@@ -284,7 +286,22 @@ def load_sweep(path: os.PathLike, budget: str) -> Dict[str, Any]:
             _fail(path, f"outputs.{budget} must be {{markdown: <file>, figures_dir: <folder>}}, got {out!r}")
         out = {k: str(out[k]) for k in OUTPUT_KEYS}
     return {"path": str(path), "benchmark": bench, "base_path": str(base_path), "groups": group_info,
-            "variants": sweep_of, "library": [d["key"] for d in chosen], "outputs": out, "not_ready": not_ready}
+            "variants": sweep_of, "library": [d["key"] for d in chosen], "outputs": out, "not_ready": not_ready,
+            "target": _read_target(path, raw.get("target"))}
+
+
+def _read_target(path: Path, t: Any) -> Optional[Dict[str, float]]:
+    """The config's ``target`` (fractions in [0, 1] for the keys of :data:`TARGET_KEYS`), or None."""
+    if t is None:
+        return None
+    if not isinstance(t, Mapping) or not t or set(t) - set(TARGET_KEYS):
+        _fail(path, f"target must map some of {sorted(TARGET_KEYS)} to fractions, got {t!r}")
+    out = {}
+    for k, v in t.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
+            _fail(path, f"target.{k} must be a fraction in [0, 1], got {v!r}")
+        out[k] = float(v)
+    return out
 
 
 # ---- the sweep as a benchmark ---------------------------------------------------------------------------
@@ -368,9 +385,10 @@ class Frontier(Benchmark):
         payload["sweep"] = {"config_file": self.sweep["path"], "benchmark_config": self.sweep["base_path"],
                             "groups": self.sweep["groups"], "aliases": self.aliases}
         payload["points"] = points
+        payload["target"] = self.sweep.get("target")
         fig = self.figures / FIGURE
         payload["json"] = str(self.figures / JSON_FILE)
-        if frontier_plot(points, fig, payload["benchmark"], payload.get("chance_rank1")):
+        if frontier_plot(points, fig, payload["benchmark"], payload.get("chance_rank1"), payload["target"]):
             payload["plot"] = str(fig)
         write_json(self.figures / JSON_FILE, payload)
         write_markdown(self.markdown, frontier_markdown(payload, self.markdown))
@@ -404,7 +422,7 @@ def frontier_points(payload: Dict[str, Any], sweep: Dict[str, Any]) -> List[Dict
             "key": row["key"], "label": row["label"], "kind": "variant" if v else "defense",
             "group": v["group"] if v else None, "group_label": v["group_label"] if v else None,
             "overrides": (v or {}).get("overrides") or {}, "config_file": row.get("config_file"),
-            "run_dir": row.get("run_dir"), "status": row.get("status"),
+            "run_dir": row.get("run_dir"), "status": row.get("status"), "defense": row.get("defense"),
             "lfw": metric_value(row, "verification.lfw.accuracy", head),
             "cfp_fp": metric_value(row, "verification.cfp_fp.accuracy", head),
             "attack": name,
@@ -475,6 +493,16 @@ def frontier_markdown(payload: Dict[str, Any], md_path: Path) -> str:
     if sw.get("aliases"):
         lines += ["Variants whose resolved training config equals another configuration's (one run, one point): "
                   + "; ".join(f"{a} = {b_}" for a, b_ in sw["aliases"].items()) + ".", ""]
+    if payload.get("target"):
+        lines += target_assessment(pts, payload["target"])
+    if payload.get("not_measured"):
+        lines += ["Not measured yet at this budget (`--measured` reports what is on disk and computes nothing): "
+                  + "; ".join(f"{d['label']} (`{d['key']}`: {d['why']})" for d in payload["not_measured"]) + ".", ""]
+    partial = [r for r in payload["defenses"] if (r.get("attacks") or {}).get("not_run")]
+    if partial:
+        lines += ["Attacks of this budget not run yet on some points (`--measured`; their columns are the strongest of "
+                  "the attacks that ran): " + "; ".join(f"{r['label']}: {', '.join(r['attacks']['not_run'])}"
+                                                        for r in partial) + ".", ""]
     missing = [p["label"] for p in pts if p["lfw"] is None or p["rank1"] is None]
     if missing:
         lines += [f"Not on the plot (no LFW accuracy or no query attack): {', '.join(missing)}.", ""]
@@ -483,6 +511,72 @@ def frontier_markdown(payload: Dict[str, Any], md_path: Path) -> str:
         lines += [f"Runs, configs, config hashes and every attack's scores: [`{rel}`]({rel}) (the benchmark's "
                   f"payload plus these points).", ""]
     return "\n".join(lines)
+
+
+def _meets(p: Dict[str, Any], key: str, target: Dict[str, float]) -> Optional[bool]:
+    """Whether point ``p`` meets ``target[key]`` (None: the point has no such value)."""
+    v = p.get("linkage_rank1" if key == "linkage" else key)
+    if v is None:
+        return None
+    return float(v) <= target[key] + 1e-12 if TARGET_KEYS[key] == "<=" else float(v) >= target[key] - 1e-12
+
+
+def _point_text(p: Dict[str, Any]) -> str:
+    lk = "" if p.get("linkage_rank1") is None else f", linkage {_pct(p['linkage_rank1'])} %"
+    ssim = "" if p.get("ssim") is None else f", SSIM {p['ssim']:.3f}"
+    return (f"{p['label']} (LFW {_pct(p.get('lfw'))} %, CFP-FP {_pct(p.get('cfp_fp'))} %, rank-1 {_pct(p.get('rank1'))} % "
+            f"by {p.get('attack') or '-'}{ssim}{lk})")
+
+
+def target_assessment(points: List[Dict[str, Any]], target: Dict[str, float]) -> List[str]:
+    """What is and is not achieved, computed from the points: which meet the privacy half (rank-1, SSIM), the
+    utility half (LFW, CFP-FP), both, and linkage too; the most private point that keeps the utility half and the
+    most useful one that keeps the privacy half; each adaptive-policy point against the fixed configurations
+    at equal or higher accuracy."""
+    names = {"rank1": "query rank-1", "ssim": "SSIM", "lfw": "LFW", "cfp_fp": "CFP-FP", "linkage": "linkage rank-1"}
+    spec = "; ".join(f"{names[k]} {TARGET_KEYS[k]} {100 * v:g} %" if k != "ssim" else f"SSIM {TARGET_KEYS[k]} {v:g}"
+                     for k, v in target.items())
+    priv = [k for k in ("rank1", "ssim") if k in target]
+    util = [k for k in ("lfw", "cfp_fp") if k in target]
+    pts = [p for p in points if p.get("rank1") is not None]
+
+    def ok(p, keys):
+        return all(_meets(p, k, target) for k in keys)
+    both = [p for p in pts if ok(p, priv + util)]
+    lines = ["## What is and is not achieved", "",
+             f"Target (the config's `target`): {spec}. Computed from the table above on every run; nothing here is "
+             f"written by hand.", ""]
+    if both:
+        lines.append("- **Met** (privacy and utility) by: " + "; ".join(_point_text(p) for p in both) + ".")
+        if "linkage" in target:
+            full = [p for p in both if _meets(p, "linkage", target)]
+            lines.append("- With linkage too: " + ("; ".join(_point_text(p) for p in full) if full else
+                                                    "**none** (what the server links, an attacker with its recipe links)")
+                         + ".")
+    else:
+        lines.append(f"- **Not met by any of the {len(pts)} measured configurations.**")
+    useful = sorted((p for p in pts if util and ok(p, util)), key=lambda p: (p["rank1"], -(p.get("lfw") or 0)))
+    private = sorted((p for p in pts if priv and ok(p, priv)), key=lambda p: (-(p.get("lfw") or 0), p["rank1"]))
+    if util:
+        lines.append("- Most private configuration that keeps the utility half: "
+                     + (_point_text(useful[0]) if useful else "none keeps it") + ".")
+    if priv:
+        lines.append("- Most useful configuration that keeps the privacy half: "
+                     + (_point_text(private[0]) if private else "none keeps it") + ".")
+    for p in (q for q in pts if q.get("defense") == "adaptive"):
+        fixed = [q for q in pts if q.get("defense") != "adaptive" and q.get("lfw") is not None and p.get("lfw") is not None
+                 and q["lfw"] >= p["lfw"] and q["rank1"] <= p["rank1"] and (q["lfw"], q["rank1"]) != (p["lfw"], p["rank1"])]
+        if p.get("lfw") is None:
+            continue
+        if fixed:
+            best = min(fixed, key=lambda q: (q["rank1"], -q["lfw"]))
+            lines.append(f"- Adaptive policy **below the front of the fixed configurations**: {_point_text(p)} is "
+                         f"dominated by {_point_text(best)}" + (f" and {len(fixed) - 1} other(s)" if len(fixed) > 1 else "")
+                         + ".")
+        else:
+            lines.append(f"- Adaptive policy on or above the fixed configurations' front (LFW): {_point_text(p)}.")
+    lines.append("")
+    return lines
 
 
 # ---- command line -----------------------------------------------------------------------------------------
@@ -502,4 +596,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 __all__ = ["pareto_front", "load_sweep", "expand_group", "variant_run_name", "slug", "Frontier", "frontier_points",
-           "frontier_markdown", "add_arguments", "run", "FIGURE", "JSON_FILE"]
+           "frontier_markdown", "target_assessment", "TARGET_KEYS", "add_arguments", "run", "FIGURE", "JSON_FILE"]

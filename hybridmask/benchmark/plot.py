@@ -60,12 +60,13 @@ def privacy_utility_plot(payload: Dict[str, Any], path: Path) -> bool:
 
 
 def frontier_plot(points: List[Dict[str, Any]], path: Path, bench: Dict[str, Any],
-                  chance: Optional[float] = None) -> bool:
+                  chance: Optional[float] = None, target: Optional[Dict[str, float]] = None) -> bool:
     """The frontier figure (``hybridmask frontier``): one panel per utility axis (LFW, CFP-FP), x = its
     accuracy, y = the strongest query attack's rank-1 (lower is better), one marker per configuration
     (the benchmark's defenses: a shape each; sweep variants: circles, one colour per group), the Pareto
     front (``front_<axis>`` of the points) as a step line with its points labelled, chance rank-1 as a
-    dashed line. ``points``: :func:`hybridmask.benchmark.frontier.frontier_points`. Written atomically;
+    dashed line, the ``target`` region (accuracy at least ``target[axis]``, rank-1 at most ``target["rank1"]``)
+    shaded green. ``points``: :func:`hybridmask.benchmark.frontier.frontier_points`. Written atomically;
     False when no point has both coordinates."""
     axes_spec = [(a, n) for a, n in (("lfw", "LFW"), ("cfp_fp", "CFP-FP"))
                  if any(p.get(a) is not None and p.get("rank1") is not None for p in points)]
@@ -114,6 +115,9 @@ def frontier_plot(points: List[Dict[str, Any]], path: Path, bench: Dict[str, Any
                             ha="right" if right else "left")
         if chance is not None:
             ax.axhline(100 * chance, color="grey", ls="--", lw=1)
+        if target and axis in target and "rank1" in target:
+            ax.fill_between([100 * target[axis], 100.0], -2, 100 * target["rank1"], color="tab:green", alpha=0.15,
+                            lw=0, zorder=1)
         ax.set_xlabel(f"{name} verification accuracy (%)")
         ax.set_ylabel("re-identification rank-1 of queries, strongest attack (%)")
         ax.set_title(f"{name}: better is right and low", fontsize=10)
@@ -121,6 +125,9 @@ def frontier_plot(points: List[Dict[str, Any]], path: Path, bench: Dict[str, Any
     extra = [Line2D([], [], color="tab:red", lw=1.5, label="Pareto front (max accuracy, min rank-1)")]
     if chance is not None:
         extra.append(Line2D([], [], color="grey", ls="--", lw=1, label="chance rank-1"))
+    if target and "rank1" in target:
+        from matplotlib.patches import Patch
+        extra.append(Patch(color="tab:green", alpha=0.15, label="target region"))
     fig.legend(handles=list(handles.values()) + extra, loc="lower center", ncol=min(4, len(handles) + len(extra)),
                fontsize=8, frameon=False)
     fig.suptitle(f"privacy-utility frontier ({bench.get('budget')} budget, seed {bench.get('seed')}): "

@@ -360,7 +360,7 @@ def render_markdown(p: Dict[str, Any], md_path: Path) -> str:
         "targets": p.get("targets") or {}, "target_lines": target_checks(rows, p.get("targets") or {}, head),
         "literature": lit, "overrides": p.get("budget_overrides") or {},
         "results_json": rel(str(Path(p.get("plot") or md_path).parent / "results.json")),
-        "query_groups": query_groups(rows),
+        "query_groups": query_groups(rows), "not_measured": p.get("not_measured") or [],
     }
     return environment().get_template("report.md.j2").render(**ctx)
 

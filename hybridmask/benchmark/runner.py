@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -55,6 +55,37 @@ class Benchmark:
                         for d in bench["defenses"] if not only or d["key"] in only]
         for e in self.entries:
             place_run(e, args.busy_seconds)
+        #: --measured: the defenses left out because they are not measured yet (nothing is computed)
+        self.not_measured: List[Dict[str, str]] = []
+        if self.measured_only:
+            kept = []
+            for e in self.entries:
+                why = self.unmeasured(e)
+                if why:
+                    self.not_measured.append({"key": e.key, "label": e.label, "why": why})
+                else:
+                    kept.append(e)
+            self.entries = kept
+            if not self.entries:
+                raise ValueError(f"--measured: no selected defense is measured at the {bench['budget']} budget (a "
+                                 f"finished run in {self.runs_dir}, verified and attacked); drop --measured to "
+                                 f"compute them")
+
+    @property
+    def measured_only(self) -> bool:
+        return bool(getattr(self.args, "measured", False))
+
+    def unmeasured(self, e: Entry) -> Optional[str]:
+        """Why ``e`` cannot be reported without computing anything (None: it can): its run has not finished, its
+        verification or its attack results are not on disk (an earlier result that lacks only linkage attacks
+        counts: the report names what did not run)."""
+        if e.status != "reuse":
+            return "no finished training run"
+        if not self.verified(e):
+            return "not verified"
+        if not self.cached(e) and self.reusable(e) is None:
+            return "not attacked"
+        return None
 
     def log(self, msg: str) -> None:
         print(f"[{time.time() - self.t0:6.0f} s] {msg}", flush=True)
@@ -235,6 +266,10 @@ class Benchmark:
         if self.cached(e):
             self.log(f"{e.label}: attack results cached in {cache}")
             att = _read_json(cache / "results.json")
+        elif self.measured_only:   # what was measured (unmeasured() kept only such rows), the missing attacks named
+            old_dir, old, missing = self.reusable(e)
+            self.log(f"{e.label}: --measured: the attack results of {old_dir.name}; not run: {', '.join(missing)}")
+            return dict(self.row(e, ver, dict(old, not_run=list(missing))), attack_cache=str(old_dir))
         else:
             data, embedder = self.attack_data()
             t = time.time()
@@ -269,6 +304,7 @@ class Benchmark:
                           "torch": torch.__version__},
             "attack_settings": self.attack_settings(), "budget_overrides": self.b["overrides"],
             "targets": self.b["targets"], "defenses": rows, "timings": self.timings,
+            "not_measured": self.not_measured,
         }
         self.write(payload)
         return payload
@@ -299,6 +335,8 @@ class Benchmark:
         parts += [f"--override {o}" for o in (a.override or [])]
         if a.rerun_attacks:
             parts.append("--rerun-attacks")
+        if getattr(a, "measured", False):
+            parts.append("--measured")
         return " ".join(parts)
 
     def write(self, payload: Dict[str, Any]) -> None:
