@@ -190,15 +190,17 @@ def main(argv=None) -> int:
     p.add_argument("--render-only", metavar="JSON")
     args = p.parse_args(argv)
     if args.render_only:
+        from hybridmask.attacks.harness import write_markdown
         payload = json.loads(Path(args.render_only).read_text())
         out_md = Path(args.render_only).with_suffix(".md")
-        out_md.write_text(render(payload, out_md.stem))
+        write_markdown(out_md, render(payload, out_md.stem))
         print(f"wrote {out_md}")
         return 0
 
     from hybridmask.attacks import ATTACKS as REGISTRY, create_attack
     from hybridmask.attacks.data import build_attack_data
-    from hybridmask.attacks.harness import default_embedder, evaluate_defense, evaluate_linkage, slug, write_json
+    from hybridmask.attacks.harness import (default_embedder, evaluate_defense, evaluate_linkage, slug, write_json,
+                                            write_markdown)
     from hybridmask.defenses import create_defense
 
     torch.set_num_threads(args.threads)
@@ -302,14 +304,15 @@ def main(argv=None) -> int:
         if top is not None and top in (res.get("grids") or {}):   # the strongest attack's grid, small, into the docs
             small_figure(Path(res["grids"][top]), out / f"{slug(label)}_{slug(top)}.png")
         payload = {"settings": settings, "candidates": results + others}
-        write_json(json_path, payload)
-        md_path.write_text(render(payload, out.name))
+        write_json(json_path, payload)          # after every candidate: an interrupted screen keeps its results
+        write_markdown(md_path, render(payload, out.name))
         if top is not None:
             print(f"[{label}] strongest {top}: rank-1 {100 * entry['attacks'][top]['rank1']:.1f} %, "
                   f"SSIM {entry['attacks'][top]['ssim']:.3f} ({entry['seconds']:.0f} s)", flush=True)
-    payload = {"settings": settings, "candidates": results + others}
-    write_json(json_path, payload)
-    md_path.write_text(render(payload, out.name))
+    if not results:                             # nothing screened (the loop wrote the rest already)
+        payload = {"settings": settings, "candidates": others}
+        write_json(json_path, payload)
+        write_markdown(md_path, render(payload, out.name))
     print(f"wrote {json_path} and {md_path}")
     return 0
 
