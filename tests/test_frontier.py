@@ -217,12 +217,12 @@ def test_table_and_figure_from_a_handmade_payload(tmp_path):
     header = next(line for line in lines if line.startswith("| configuration |"))
     cols = [c.strip() for c in header.strip("|").split("|")]
     assert cols == ["configuration", "overrides", "LFW %", "CFP-FP %", "strongest query attack", "rank-1 %", "SSIM",
-                    "linkage rank-1 / TAR@FAR=1e-3 (%)", "front (LFW)", "front (CFP-FP)"]
+                    "strongest linkage rank-1 / TAR@FAR=1e-3 (%)", "front (LFW)", "front (CFP-FP)"]
 
     def cells(label):
         return [c.strip() for c in next(line for line in lines if line.startswith(f"| {label} |")).strip("|").split("|")]
     assert cells("PPFR-FD") == ["PPFR-FD", "benchmark defense (`ppfrfd.yaml`)", "64.0", "58.0", "structure", "97.0",
-                                "0.750", "50.0 / 25.0", "no", "no"]
+                                "0.750", "50.0 / 25.0 (linkage)", "no", "no"]
     assert cells("PPFR-FD drop=low6") == ["PPFR-FD drop=low6", "`defense.args.drop: low6`", "60.0", "59.0", "structure",
                                           "50.0", "0.500", "-", "no", "**yes**"]
     assert cells("DCTDP")[-2:] == ["**yes**", "**yes**"] and cells("PPFR-FD u=2")[3] == "-"

@@ -472,12 +472,13 @@ def frontier_markdown(payload: Dict[str, Any], md_path: Path) -> str:
     if payload.get("plot"):
         lines += [f"![privacy-utility frontier]({os.path.relpath(payload['plot'], md_path.parent)})", ""]
     lines += ["| configuration | overrides | LFW % | CFP-FP % | strongest query attack | rank-1 % | SSIM | "
-              "linkage rank-1 / TAR@FAR=1e-3 (%) | front (LFW) | front (CFP-FP) |",
+              "strongest linkage rank-1 / TAR@FAR=1e-3 (%) | front (LFW) | front (CFP-FP) |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for p in pts:
         ov = ", ".join(f"`{k}: {_show(v)}`" for k, v in p["overrides"].items()) if p["overrides"] else \
             f"benchmark defense (`{Path(p['config_file'] or '?').name}`)"
-        lk = "-" if p["linkage_rank1"] is None else f"{_pct(p['linkage_rank1'])} / {_pct(p['linkage_tar'])}"
+        lk = "-" if p["linkage_rank1"] is None else \
+            f"{_pct(p['linkage_rank1'])} / {_pct(p['linkage_tar'])} ({p.get('linkage_attack') or '?'})"
         ssim = "-" if p["ssim"] is None else f"{p['ssim']:.3f}"
         lines.append(f"| {p['label']} | {ov} | {_pct(p['lfw'])} | {_pct(p['cfp_fp'])} | {p['attack'] or '-'} | "
                      f"{_pct(p['rank1'])} | {ssim} | {lk} | "
