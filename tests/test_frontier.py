@@ -188,6 +188,7 @@ def test_table_and_figure_from_a_handmade_payload(tmp_path):
             _row("p-low6", "PPFR-FD drop=low6", 0.60, 0.59, {"cgan_whitebox": (0.0, 0.1, 0.2), "structure": (0.5, 0.4, 0.5)}),
             _row("p-u2", "PPFR-FD u=2", 0.66, None, {"cgan_whitebox": (0.9, 0.3, 0.4), "structure": (0.9, 0.6, 0.7)}),
             _row("broken", "no attacks", 0.7, 0.6, {})]
+    rows[-1]["note"] = "a benchmark note,\n  folded"                     # marked * in the table, printed below it
     sweep = {"variants": {"p-low6": {"group": "p", "group_label": "PPFR-FD", "overrides": {"defense.args.drop": "low6"}},
                           "p-u2": {"group": "p", "group_label": "PPFR-FD", "overrides": {"defense.args.u": 2}}}}
     payload = {"benchmark": {"budget": "tiny", "seed": 0, "command": "hybridmask frontier --budget tiny",
@@ -228,6 +229,7 @@ def test_table_and_figure_from_a_handmade_payload(tmp_path):
     assert cells("DCTDP")[-2:] == ["**yes**", "**yes**"] and cells("PPFR-FD u=2")[3] == "-"
     assert "![privacy-utility frontier](f/frontier.png)" in md and "[`f/frontier.json`](f/frontier.json)" in md
     assert "chance 1.0 %" in md and "PPFR-FD drop=dc = PPFR-FD" in md and "Not on the plot" in md
+    assert "| no attacks * |" in md and "\\* no attacks: a benchmark note, folded" in md
     assert "**Front (LFW against rank-1)**, from most private to most useful: DCTDP (68.0 %, rank-1 3.0 %, " \
            "cgan_whitebox); unprotected (pixels) (80.0 %, rank-1 100.0 %, cgan_whitebox)." in md
     assert not frontier_plot([dict(p, lfw=None, cfp_fp=None) for p in pts], tmp_path / "none.png", payload["benchmark"])

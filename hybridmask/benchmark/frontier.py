@@ -423,6 +423,7 @@ def frontier_points(payload: Dict[str, Any], sweep: Dict[str, Any]) -> List[Dict
             "group": v["group"] if v else None, "group_label": v["group_label"] if v else None,
             "overrides": (v or {}).get("overrides") or {}, "config_file": row.get("config_file"),
             "run_dir": row.get("run_dir"), "status": row.get("status"), "defense": row.get("defense"),
+            "note": row.get("note"),
             "lfw": metric_value(row, "verification.lfw.accuracy", head),
             "cfp_fp": metric_value(row, "verification.cfp_fp.accuracy", head),
             "attack": name,
@@ -480,10 +481,13 @@ def frontier_markdown(payload: Dict[str, Any], md_path: Path) -> str:
         lk = "-" if p["linkage_rank1"] is None else \
             f"{_pct(p['linkage_rank1'])} / {_pct(p['linkage_tar'])} ({p.get('linkage_attack') or '?'})"
         ssim = "-" if p["ssim"] is None else f"{p['ssim']:.3f}"
-        lines.append(f"| {p['label']} | {ov} | {_pct(p['lfw'])} | {_pct(p['cfp_fp'])} | {p['attack'] or '-'} | "
+        lines.append(f"| {p['label']}{' *' if p.get('note') else ''} | {ov} | {_pct(p['lfw'])} | {_pct(p['cfp_fp'])} | {p['attack'] or '-'} | "
                      f"{_pct(p['rank1'])} | {ssim} | {lk} | "
                      f"{_yes(p.get('front_lfw'))} | {_yes(p.get('front_cfp_fp'))} |")
     lines.append("")
+    for p in pts:
+        if p.get("note"):
+            lines += [f"\\* {p['label']}: {' '.join(str(p['note']).split())}", ""]
     for axis, name in (("lfw", "LFW"), ("cfp_fp", "CFP-FP")):
         front = sorted((p for p in pts if p.get(f"front_{axis}")), key=lambda p: (p[axis], p["rank1"]))
         if front:
