@@ -568,11 +568,9 @@ def target_assessment(points: List[Dict[str, Any]], target: Dict[str, float]) ->
     if priv:
         lines.append("- Most useful configuration that keeps the privacy half: "
                      + (_point_text(private[0]) if private else "none keeps it") + ".")
-    for p in (q for q in pts if q.get("defense") == "adaptive"):
-        fixed = [q for q in pts if q.get("defense") != "adaptive" and q.get("lfw") is not None and p.get("lfw") is not None
+    for p in (q for q in pts if q.get("defense") == "adaptive" and q.get("lfw") is not None):
+        fixed = [q for q in pts if q.get("defense") != "adaptive" and q.get("lfw") is not None
                  and q["lfw"] >= p["lfw"] and q["rank1"] <= p["rank1"] and (q["lfw"], q["rank1"]) != (p["lfw"], p["rank1"])]
-        if p.get("lfw") is None:
-            continue
         if fixed:
             best = min(fixed, key=lambda q: (q["rank1"], -q["lfw"]))
             lines.append(f"- Adaptive policy **below the front of the fixed configurations**: {_point_text(p)} is "

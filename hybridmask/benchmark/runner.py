@@ -55,8 +55,10 @@ class Benchmark:
                         for d in bench["defenses"] if not only or d["key"] in only]
         for e in self.entries:
             place_run(e, args.busy_seconds)
-        #: --measured: the defenses left out because they are not measured yet (nothing is computed)
+        #: --measured: the defenses left out because they are not measured yet (nothing is computed), and the
+        #: earlier attack results that the kept ones are reported with (entry key -> reusable())
         self.not_measured: List[Dict[str, str]] = []
+        self._earlier: Dict[str, Any] = {}
         if self.measured_only:
             kept = []
             for e in self.entries:
@@ -83,8 +85,10 @@ class Benchmark:
             return "no finished training run"
         if not self.verified(e):
             return "not verified"
-        if not self.cached(e) and self.reusable(e) is None:
-            return "not attacked"
+        if not self.cached(e):
+            self._earlier[e.key] = self.reusable(e)
+            if self._earlier[e.key] is None:
+                return "not attacked"
         return None
 
     def log(self, msg: str) -> None:
@@ -267,7 +271,7 @@ class Benchmark:
             self.log(f"{e.label}: attack results cached in {cache}")
             att = _read_json(cache / "results.json")
         elif self.measured_only:   # what was measured (unmeasured() kept only such rows), the missing attacks named
-            old_dir, old, missing = self.reusable(e)
+            old_dir, old, missing = self._earlier[e.key]
             self.log(f"{e.label}: --measured: the attack results of {old_dir.name}; not run: {', '.join(missing)}")
             return dict(self.row(e, ver, dict(old, not_run=list(missing))), attack_cache=str(old_dir))
         else:
