@@ -339,7 +339,7 @@ class Benchmark:
         parts += [f"--override {o}" for o in (a.override or [])]
         if a.rerun_attacks:
             parts.append("--rerun-attacks")
-        if getattr(a, "measured", False):
+        if self.measured_only:
             parts.append("--measured")
         return " ".join(parts)
 
