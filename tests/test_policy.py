@@ -118,7 +118,7 @@ def test_fixed_and_uniform_policies():
 
 
 @pytest.mark.parametrize("k_values, match", [
-    ((1, 2, 3), ">= 2"), ((2, 3.5), "ints"), ((2, 2, 3), "distinct"), ((), "empty"), ("23", "sequence"),
+    ((0, 2, 3), ">= 1"), ((2, 3.5), "ints"), ((2, 2, 3), "distinct"), ((), "empty"), ("23", "sequence"),
     ((2, True), "ints"),
 ])
 def test_bad_k_values(k_values, match):
@@ -155,8 +155,8 @@ def test_bad_context_and_rewards():
         rw(torch.tensor([1.0, 2.0]), torch.tensor([2, 7]))
     with pytest.raises(HybridMaskInputError, match="finite"):
         rw.update_multiplier(float("nan"))
-    with pytest.raises(HybridMaskInputError, match=">= 2"):
-        LagrangianReward(k_values=(1, 2))
+    with pytest.raises(HybridMaskInputError, match=">= 1"):
+        LagrangianReward(k_values=(0, 2))
     with pytest.raises(HybridMaskInputError, match="cost"):
         LagrangianReward(cost=[0.1, 0.2])
 

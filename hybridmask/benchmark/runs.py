@@ -109,12 +109,18 @@ class Entry:
 
 
 def untrained_defense(layout: Dict[str, Any], cfg: Dict[str, Any]):
-    """The defense a training config describes, untrained, for its capabilities (input kind, stochastic)."""
-    from ..defenses import create_defense
+    """The defense a training config describes, untrained, for its capabilities (input kind, stochastic); a
+    defense that takes the trainer's policy gets the (untrained) policy of the config's ``policy:`` section."""
+    from ..defenses import DEFENSES, create_defense
     from ..defenses.io import split_config
+    from ..train.run import build_policy
     spec = layout["defense"]
     dcfg = dict(spec) if isinstance(spec, dict) else dict(get_dotted(cfg, spec) or {"name": "none"})
     name, args = split_config(dcfg, "training config defense section")
+    if name in DEFENSES and getattr(DEFENSES.get(name), "takes_policy", False) and isinstance(cfg.get("policy"), dict):
+        policy = build_policy(cfg["policy"], seed=0)
+        if policy is not None:
+            args["policy"] = policy
     return create_defense(name, **args)
 
 

@@ -5,6 +5,16 @@
     released, record = d.release(faces)       # per-sample k chosen by the policy (record.k)
     query = d.query(faces)                    # test-time query: k=1, BDCT + PPFR-FD only
 
+A masking ladder (issue 14): with ``subset_by_k`` the policy's choice sets each face's whole masking strength,
+in training *and at query time*. Level ``k`` (one of the policy's ``k_values``; ``k=1`` allowed) releases the
+face mixed with k faces in training, each keeping a fresh secret subset of ``subset_by_k[i]`` of its channels
+(None: all), and its query keeps that many channels (k=1, no mix). The policy reads the face's context from its
+masking with every channel, so the same choice is made for a query as for a training release::
+
+    d = create_defense("adaptive", drop="low15", policy_config={"name": "adaptive", "k_values": [1, 2, 3]},
+                       subset_by_k=[None, 90, 60])
+    q = d.query(faces)        # per face: all 147 channels, 90 or 60 of them, as the policy chooses
+
 ``release(images)`` encodes each face (block DCT + PPFR-FD with fresh secret draws), computes the
 policy's context from that encoding (:func:`hybridmask.policy.context_features`), lets the policy
 pick one ``k`` per face and mixes (``order="mask_mix"``, the default; with ``"mix_mask"`` the
@@ -112,6 +122,8 @@ class AdaptiveMask(MaskDefense):
             stored in ``policy_path``, else 0 and 1).
         u, drop, shuffle, mix, weights, max_weight, granularity, order, subset, subset_keys: see
             :class:`HybridMask`.
+        subset_by_k: one entry per policy k value (None or a number of channels): the masking ladder of the
+            module doc; None: no ladder (every face keeps every kept channel, queries are plain ``low``-drop queries).
         query_k, pool, pool_sha256: partners from a public pool (the face the heaviest of each mix) and
             queries mixed with ``query_k - 1`` of them (see :class:`~hybridmask.defenses.base.MaskDefense`).
         seed: masking secrets (``None``: secure OS seed). ``policy_seed``: the policy's sampling.
@@ -127,6 +139,7 @@ class AdaptiveMask(MaskDefense):
                  u: int = 1, drop="dc", shuffle: str = "sample", mix: Optional[str] = None, weights: str = "instahide",
                  max_weight: float = 0.65, granularity: str = "image", order: str = "mask_mix",
                  subset: Optional[int] = None, subset_keys: Optional[int] = None,
+                 subset_by_k: Optional[Sequence[Optional[int]]] = None,
                  query_k: int = 1, pool=None, pool_sha256: Optional[str] = None,
                  seed: SeedLike = None, policy_seed: SeedLike = None):
         from ..policy import UniformPolicy, create_policy
@@ -152,9 +165,54 @@ class AdaptiveMask(MaskDefense):
         small = [k for k in self.policy.k_values if k > 1]
         if weights == "instahide" and small and max_weight * min(small) < 1 - 1e-9:
             raise ValueError(f"max_weight {max_weight} is infeasible for k={min(small)} (k * max_weight must be >= 1)")
+        self.subset_by_k = self._check_ladder(subset_by_k, subset, subset_keys, query_k, order)
+        self.mask.ppfrfd.sized = self.subset_by_k is not None
+        ladder = {} if self.subset_by_k is None else {"subset_by_k": list(self.subset_by_k)}
         # the config rebuilds the policy's shape; its weights are defense_state (never a file path)
         self._config = dict(policy_config=describe_policy(self.policy), greedy=self.greedy, **mask_args,
-                            **self._query_config)
+                            **ladder, **self._query_config)
+
+    def _check_ladder(self, subset_by_k, subset, subset_keys, query_k, order):
+        """Validate ``subset_by_k`` against the policy's k values -> a tuple (or None)."""
+        if subset_by_k is None:
+            return None
+        ks = self.policy.k_values
+        if isinstance(subset_by_k, (str, bytes)) or not isinstance(subset_by_k, (list, tuple)) \
+                or len(subset_by_k) != len(ks):
+            raise ValueError(f"subset_by_k must be a list with one entry (None or a number of channels) per policy "
+                             f"k value {list(ks)}, got {subset_by_k!r}")
+        c = self.mask.out_channels
+        for m in subset_by_k:
+            if m is not None and (isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= c):
+                raise ValueError(f"subset_by_k entries must be None or an int in 1..{c} (channels a face keeps), "
+                                 f"got {m!r} in {list(subset_by_k)}")
+        if subset is not None or subset_keys is not None:
+            raise ValueError("subset_by_k sets each face's subset from its level; it cannot be combined with a fixed "
+                             f"subset={subset!r} / subset_keys={subset_keys!r}")
+        if query_k != 1 or order != "mask_mix":
+            raise ValueError(f"subset_by_k needs query_k=1 and order='mask_mix' (the policy reads each face's own "
+                             f"masking), got query_k={query_k!r}, order={order!r}")
+        if 1 in ks and subset_by_k[ks.index(1)] is not None:
+            raise ValueError("subset_by_k: the level k=1 is the face alone with every kept channel (None), got "
+                             f"{subset_by_k[ks.index(1)]!r}")
+        return tuple(subset_by_k)
+
+    def _ladder_sizes(self, k, batch: int) -> torch.Tensor:
+        """The number of channels each face keeps at its level ``k`` -> (B,) long (refuses a k off the ladder)."""
+        kt = torch.as_tensor(k).long().reshape(-1).cpu()
+        if kt.numel() == 1:
+            kt = kt.expand(batch)
+        c = self.mask.out_channels
+        table = {kv: (c if m is None else m) for kv, m in zip(self.policy.k_values, self.subset_by_k)}
+        bad = sorted({int(v) for v in kt.tolist()} - set(table))
+        if bad:
+            raise ValueError(f"k values {bad} are not levels of this ladder (k_values {list(self.policy.k_values)})")
+        return torch.tensor([table[int(v)] for v in kt.tolist()], dtype=torch.long)
+
+    def _with_ladder(self, draw, sizes: torch.Tensor):
+        """``draw`` with each face's fresh secret subset of ``sizes`` channels (the ladder)."""
+        from dataclasses import replace
+        return replace(draw, subset=self.mask.ppfrfd.sized_subsets(sizes))
 
     @property
     def max_k(self) -> int:
@@ -162,7 +220,8 @@ class AdaptiveMask(MaskDefense):
 
     def structure(self):
         from dataclasses import replace
-        return replace(super().structure(), k=None, k_values=tuple(int(k) for k in self.policy.k_values))
+        return replace(super().structure(), k=None, k_values=tuple(int(k) for k in self.policy.k_values),
+                       subset_levels=self.subset_by_k)
 
     def needs_state(self) -> bool:
         return bool(getattr(self.policy, "trainable", False))
@@ -190,16 +249,44 @@ class AdaptiveMask(MaskDefense):
         from ..policy import context_features
         return context_features(encoded, self.running_loss, min(max(self.progress, 0.0), 1.0))
 
+    def _choose(self, images):
+        """The per-face secrets (no subset yet) and the policy's k per face, read from their masking."""
+        d = self.mask.face_draw(images.shape[0])
+        kk, _, _ = self.policy.act(self.context(self.mask.front(images, d)), greedy=self.greedy)
+        return d, kk
+
     @torch.no_grad()
     def draw(self, images, k=None):
         """The policy picks k per face from the context of the masked batch (unless ``k`` is given:
-        the trainer, or an attacker's white-box probe)."""
-        if k is not None:
+        the trainer, or an attacker's white-box probe). ``k=1`` for every face: the per-face secrets the
+        trainer encodes before its policy chooses (with a ladder: every channel, as level 1)."""
+        if k is None:
+            d, kk = self._choose(images)
+            return self.draw_mix(images, d, kk)
+        if self.subset_by_k is None or bool((torch.as_tensor(k) == 1).all()):
             return super().draw(images, k)
-        d = self.mask.face_draw(images.shape[0])
-        encoded = self.mask.front(images, d)
-        kk, _, _ = self.policy.act(self.context(encoded), greedy=self.greedy)
-        return self.mask.draw_mix(images, d, kk, encoded=encoded)
+        sizes = self._ladder_sizes(k, images.shape[0])
+        return self._with_ladder(super().draw(images, k), sizes)
+
+    def draw_mix(self, images, draw, k):
+        if self.subset_by_k is None:
+            return super().draw_mix(images, draw, k)
+        sizes = self._ladder_sizes(k, images.shape[0])
+        return self._with_ladder(super().draw_mix(images, draw, k), sizes)
+
+    def mix_for(self, images, base, encoded, k):
+        if self.subset_by_k is None:
+            return super().mix_for(images, base, encoded, k)
+        return self.mask.apply(images, self.draw_mix(images, base, k))   # each face at its level's subset
+
+    @torch.no_grad()
+    def draw_query(self, images):
+        """A query: each face alone (k=1); with a ladder, keeping the number of channels of the level the policy
+        chooses for it."""
+        if self.subset_by_k is None:
+            return super().draw_query(images)
+        d, kk = self._choose(images)
+        return self._with_ladder(d, self._ladder_sizes(kk, images.shape[0]))
 
 
 def load_policy_state(policy, state: Dict[str, torch.Tensor], where: str) -> None:

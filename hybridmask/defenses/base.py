@@ -73,6 +73,10 @@ class Structure:
     query_k:     the number of faces a test-time query mixes: 1 = the face alone; K >= 2: the face and K - 1
                  partners from the public pool, the face with the largest weight, every face masked on its own
                  secrets (which partners, their weights and the permutations are secret; K is public).
+    subset_levels: with a policy that chooses each face's masking strength (``AdaptiveMask(subset_by_k=...)``): the
+                 number of kept channels a face keeps at each of ``k_values`` (None: all), in their order; the face's
+                 training release mixes k faces, its query keeps that many channels (a fresh secret subset; the number
+                 is visible to an attacker who undoes the public channel mix). None: no such levels.
     pool:        where MixUp partners come from: ``"public"`` - a public pool of faces (of training releases and of
                  queries with ``query_k >= 2``; the attacker may own the same pool); None - the batch, or no MixUp.
     """
@@ -91,6 +95,7 @@ class Structure:
     subset_keys: Optional[int] = None
     query_k: int = 1
     pool: Optional[str] = None
+    subset_levels: Optional[Tuple[Optional[int], ...]] = None
 
 
 INPUT_KINDS = ("pixel", "freq", "feature")
@@ -214,6 +219,12 @@ class Defense(nn.Module):
     def mix(self, encoded: torch.Tensor, draw: Draw) -> Tuple[torch.Tensor, MixRecord]:
         """Mix already-encoded faces with the partners and weights of ``draw``."""
         raise NotImplementedError(f"{self.name} does not mix")
+
+    def mix_for(self, images: torch.Tensor, base: Draw, encoded: torch.Tensor, k) -> Tuple[torch.Tensor, MixRecord]:
+        """The release once a policy has chosen ``k`` per face from ``encoded`` (``encode(images, base)``):
+        fresh partners and weights for ``k``, ``base``'s per-face secrets kept. A defense whose per-face masking
+        also depends on k (``AdaptiveMask(subset_by_k=...)``) encodes the faces again."""
+        return self.mix(encoded, self.draw_mix(images, base, k))
 
     # ---- training hooks (trainable=True) -------------------------------------------------------
     def trainable_parameters(self) -> List[nn.Parameter]:

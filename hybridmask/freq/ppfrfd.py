@@ -127,6 +127,9 @@ class PPFRFD(nn.Module):
         self.orthogonal: Optional[torch.Tensor] = haar_orthogonal(c, self.generator) if mix == "orthogonal" else None
         self.subset_masks: Optional[torch.Tensor] = None if self.subset_keys is None \
             else self._random_subsets(self.subset_keys)
+        #: per-face subsets of varying size (:meth:`sized_subsets`) are accepted with ``subset=None``: set by a
+        #: defense whose policy chooses each face's number of channels (``AdaptiveMask(subset_by_k=...)``)
+        self.sized = False
 
     # ---- the client key ------------------------------------------------------------------------
     def key_parts(self) -> List[str]:
@@ -268,6 +271,16 @@ class PPFRFD(nn.Module):
         idx = torch.rand(n, c, generator=self.generator).argsort(dim=1)[:, : self.subset]
         return torch.zeros(n, c, dtype=torch.bool).scatter_(1, idx, True)
 
+    def sized_subsets(self, sizes: torch.Tensor) -> torch.Tensor:
+        """Fresh secret (B, C_kept) bool masks with ``sizes[b]`` kept channels in row b (``sizes``: (B,) ints in
+        1..C_kept; which channels is secret, the number is the caller's choice). Drawn from the secret generator."""
+        c = len(self.kept)
+        sizes = torch.as_tensor(sizes).long().reshape(-1).cpu()
+        if sizes.numel() and bool(((sizes < 1) | (sizes > c)).any()):
+            raise ValueError(f"subset sizes must be in 1..{c}, got {sorted(set(sizes.tolist()))}")
+        rank = torch.rand(sizes.numel(), c, generator=self.generator).argsort(dim=1).argsort(dim=1)
+        return rank < sizes.unsqueeze(1)
+
     def subsets(self, batch: int) -> Optional[torch.Tensor]:
         """Draw the (B, C_kept) bool masks of the kept channels (in kept order, before the shuffle) each face
         keeps (None without ``subset``)."""
@@ -296,11 +309,15 @@ class PPFRFD(nn.Module):
     def _check_subset(self, subset: Optional[torch.Tensor], b: int) -> Optional[torch.Tensor]:
         if subset is None:
             return self.subsets(b)
-        if self.subset is None:
+        if self.subset is None and not self.sized:
             raise ValueError("this PPFR-FD keeps every kept channel (subset=None); pass subset=None")
         if tuple(subset.shape) != (b, len(self.kept)) or subset.dtype != torch.bool:
             raise ValueError(f"subset must be a ({b}, {len(self.kept)}) bool mask, got {tuple(subset.shape)} "
                              f"{subset.dtype}")
+        if self.subset is None:
+            if bool((subset.sum(1) < 1).any()):
+                raise ValueError("every subset row must keep at least one channel")
+            return subset
         if bool((subset.sum(1) != self.subset).any()):
             raise ValueError(f"every subset row must keep exactly subset={self.subset} channels")
         return subset

@@ -50,7 +50,7 @@ class MaskingEnv(gym.Env):
                  reward: Optional[LagrangianReward] = None, utility_target: float = 0.75,
                  multiplier_every: int = 1, game: Optional[ToyMaskingGame] = None):
         super().__init__()
-        self.k_values = validate_k_values(k_values)
+        self.k_values = validate_k_values(k_values, min_k=2)
         for name, v in (("episode_length", episode_length), ("multiplier_every", multiplier_every)):
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
                 raise HybridMaskInputError(f"{name} must be a positive int, got {v!r}")

@@ -119,6 +119,8 @@ class LagrangianReward:
     # --- costs ----------------------------------------------------------------------------------
     def _make_costs(self, cost) -> tuple:
         kmax = max(self.k_values)
+        if isinstance(cost, str) and kmax == 1:   # k_values (1,): one action, nothing to charge
+            return (0.0,)
         if isinstance(cost, str):
             if cost == "linear":
                 return tuple((k - 1) / (kmax - 1) for k in self.k_values)

@@ -3,7 +3,10 @@
 All policies share one interface (:class:`MaskingPolicy`), so the trainer can swap the adaptive
 policy for the fixed-k or uniform baselines without code changes:
 
-* ``policy.k_values``: the tuple of k values; action ``a`` means ``k = k_values[a]``.
+* ``policy.k_values``: the tuple of k values; action ``a`` means ``k = k_values[a]``. ``k = 1`` (the face
+  released alone) is allowed: a level of a masking ladder whose per-face strength is more than k
+  (``AdaptiveMask(subset_by_k=...)``: the level also sets how many channels the face keeps, in training
+  and in its queries).
 * ``policy.dist(ctx)``: a :class:`torch.distributions.Categorical` over actions, one row per
   sample of the context ``ctx`` ``(B, D)``.
 * ``policy.act(ctx, generator=None, greedy=False) -> (k, action, log_prob)``, each ``(B,)``:
@@ -36,7 +39,7 @@ K_VALUES: Tuple[int, ...] = (2, 3, 4, 5, 6)
 POLICIES = Registry("policy")
 
 
-def validate_k_values(k_values: Sequence[int], min_k: int = 2) -> Tuple[int, ...]:
+def validate_k_values(k_values: Sequence[int], min_k: int = 1) -> Tuple[int, ...]:
     """Return ``k_values`` as a tuple of distinct Python ints ``>= min_k`` or raise a clear error."""
     if isinstance(k_values, (str, bytes)) or not hasattr(k_values, "__iter__"):
         raise HybridMaskInputError(f"k_values must be a sequence of ints, got {k_values!r}")
@@ -63,7 +66,7 @@ class MaskingPolicy(nn.Module):
 
     context_dim: Optional[int] = None  # None: any D accepted (the context is ignored)
 
-    def __init__(self, k_values: Sequence[int], seed=None, min_k: int = 2):
+    def __init__(self, k_values: Sequence[int], seed=None, min_k: int = 1):
         super().__init__()
         self.k_values = validate_k_values(k_values, min_k=min_k)
         self.generator = make_generator(seed)

@@ -39,7 +39,7 @@ class ToyMaskingGame:
                  hetero: float = 0.0, loss_noise: float = 0.3, damage: Optional[Sequence[float]] = None,
                  u_max: float = 0.95, utility_noise: float = 0.01, memory: float = 0.8,
                  channels: int = 16, grid: int = 4, seed=None, saturate: Optional[int] = None):
-        self.k_values = validate_k_values(k_values)
+        self.k_values = validate_k_values(k_values, min_k=2)
         self.base, self.gain, self.hetero, self.loss_noise = float(base), float(gain), float(hetero), float(loss_noise)
         if damage is None:
             damage = [0.04 * (k - 1) ** 1.5 for k in self.k_values]
@@ -126,7 +126,7 @@ class ToyAttacker:
 
     def __init__(self, k_values: Sequence[int] = K_VALUES, error: Optional[Sequence[float]] = None,
                  noise: float = 0.1, seed=None):
-        self.k_values = validate_k_values(k_values)
+        self.k_values = validate_k_values(k_values, min_k=2)
         if error is None:
             error = [math.log(k) for k in self.k_values]
         if len(error) != len(self.k_values):

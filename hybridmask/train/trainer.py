@@ -386,7 +386,7 @@ class AlternatingTrainer(CheckpointMixin):
         """Re-draw the MixUp of ``base`` for this rank's slice of ``k_all`` and mix ``encoded``."""
         b = images.shape[0]
         k_local = k_all[self.rank * b:(self.rank + 1) * b].cpu()
-        return self.defense.mix(encoded, self.defense.draw_mix(images, base, k_local))
+        return self.defense.mix_for(images, base, encoded, k_local)
 
     @torch.no_grad()
     def _release_with_policy(self, images: torch.Tensor):
