@@ -158,3 +158,12 @@ def test_attacker_term_moves_the_ladder_level(one_thread):
     p0, p1 = play(0.0), play(0.8)
     assert int(p0.argmax()) == 0, p0
     assert int(p1.argmax()) == 2 and p1[2] > 0.6, p1
+
+
+def test_policy_card_names_the_ladder():
+    from hybridmask.train.card import policy_card
+    pol = StrategyNet(k_values=K, hidden=8, seed=0)
+    card = policy_card({"run": "r", "defense": {"name": "adaptive", "subset_by_k": LEVELS}, "config": {}}, pol)
+    assert "masking ladder" in card and "all, 90, 60" in card and "each at the level the policy chose" in card
+    plain = policy_card({"run": "r", "defense": {"name": "adaptive"}, "config": {}}, StrategyNet(hidden=8, seed=0))
+    assert "masking ladder" not in plain and "k=1 masked queries" in plain

@@ -79,6 +79,13 @@ def policy_card(results: Dict[str, Any], policy, reward=None, file_note: Optiona
                         if k not in _NOT_MASKING)
     name = results.get("run", "run")
     k_values = list(getattr(policy, "k_values", []))
+    ladder = (results.get("defense") or {}).get("subset_by_k")
+    choice = (f"how many faces k in {k_values} the frequency MixUp of hybrid masking mixes"
+              if not ladder else
+              f"a level of the masking ladder: k in {k_values} faces mixed in its training releases, each face "
+              f"keeping {', '.join('all' if m is None else str(m) for m in ladder)} of its channels at those levels, "
+              f"and its *query* keeping as many (docs/policy.md#the-masking-ladder-the-policy-acts-at-query-time-subset_by_k)")
+    query_note = "k=1 masked queries" if not ladder else "k=1 queries, each at the level the policy chose"
     if file_note is None:
         where = results.get("paths", {}).get("policy", "policy.pt")
         file_note = f"`{where}` (not in the repository; written under `outputs/`)"
@@ -90,12 +97,11 @@ File: {file_note}.
 ## What it is
 A strategy network (MLP, {getattr(policy, 'hidden', '?')} hidden units, {getattr(policy, 'context_dim', '?')} context
 features: energy-spectrum quantiles of the PPFR-FD-masked face, spatial spread, kurtosis, running FR loss,
-training progress) that picks, per face, how many faces k in {k_values} the frequency MixUp of
-hybrid masking mixes (Wang et al. 2024, arXiv 2403.10558). It was trained with REINFORCE
+training progress) that picks, per face, {choice} (Wang et al. 2024, arXiv 2403.10558). It was trained with REINFORCE
 (baseline `{pc.get('baseline')}`, entropy bonus {pc.get('entropy_coef')}) against the recognizer, alternating
 {cfg.get('train', {}).get('n_fr')} recognizer steps with {cfg.get('train', {}).get('n_pi')} policy step(s), on the reward
 `R = P(FR loss) - mu * c(k)` with the utility constraint U >= {rw.get('utility_target')} (U = held-out identification
-accuracy of k=1 masked queries; mu by dual ascent, cost `{rw.get('cost')}`).
+accuracy of {query_note}; mu by dual ascent, cost `{rw.get('cost')}`).
 {_reward_note(results)}
 
 Load it with `hybridmask.defenses.load_defense("<this file>")` (the adaptive defense driven by it), or
@@ -118,7 +124,7 @@ k chosen for the recognizer's training batches over the whole run:
 |---|---|
 {kh_rows}
 
-## Utility of the recognizer trained with it (k=1 masked queries)
+## Utility of the recognizer trained with it ({query_note})
 | target | accuracy | pairs |
 |---|---|---|
 {ver_rows}
