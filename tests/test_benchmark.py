@@ -426,6 +426,17 @@ def test_second_invocation_reuses_runs_and_changed_config_is_trained_apart(tiny_
     assert _invoke(root, out, "--only", "ppfrfd", "--measured") != 0
     assert "--measured: no selected defense is measured" in capsys.readouterr().err
 
+    # --only updates its row: the other measured defenses stay in the report (read, not recomputed), in the
+    # config's order; the unmeasured ones are named
+    assert _invoke(root, out, "--only", "fixed_k2") == 0
+    p = _payload(out)
+    keys = [r["key"] for r in p["defenses"]]
+    order = [d["key"] for d in yaml.safe_load((Path(B.__file__).parents[2] / "configs" / "benchmark.yaml").read_text())
+             ["defenses"]]
+    assert set(keys) == set(ONLY.split(",")) and keys == sorted(keys, key=order.index)
+    assert {d["key"] for d in p["not_measured"]} >= {"ppfrfd"} and "--measured" not in p["benchmark"]["command"]
+    assert {p: p.stat().st_mtime_ns for p in runs.glob("*/*") if p.is_file()} == before   # nothing recomputed
+
     # a changed config is not reused: it trains in <name>-<hash>/, the finished run stays as it was
     assert _invoke(root, out, "--only", "fixed_k2", "--override", "train.steps=4") == 0
     row = _payload(out)["defenses"][0]

@@ -355,6 +355,13 @@ class Frontier(Benchmark):
                 first[ident] = e
                 kept.append(e)
         self.entries = kept
+        rest = []
+        for e in self.rest:        # --only: the other points of the page, once each
+            ident = same_training(e)
+            if ident not in first:
+                first[ident] = e
+                rest.append(e)
+        self.rest = rest
 
     def print_plan(self) -> None:
         buf = io.StringIO()

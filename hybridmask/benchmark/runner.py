@@ -55,6 +55,14 @@ class Benchmark:
                         for d in bench["defenses"] if not only or d["key"] in only]
         for e in self.entries:
             place_run(e, args.busy_seconds)
+        #: with --only, the other defenses: their measured rows stay in the report (read, never computed), so a run
+        #: of one defense updates its row instead of writing a report of that row alone
+        self.rest: List[Entry] = []
+        if only and not self.measured_only:
+            self.rest = [resolve_entry(d, bench, self.seed, args.data, list(args.override or []))
+                         for d in bench["defenses"] if d["key"] not in only]
+            for e in self.rest:
+                place_run(e, args.busy_seconds)
         #: --measured: the defenses left out because they are not measured yet (nothing is computed), and the
         #: earlier attack results that the kept ones are reported with (entry key -> reusable())
         self.not_measured: List[Dict[str, str]] = []
@@ -254,8 +262,9 @@ class Benchmark:
             self.timings["attack_setup"] = round(time.time() - t, 1)
         return self._data, self._embedder
 
-    def evaluate(self, e: Entry) -> Dict[str, Any]:
-        """Stages 2-4 of one trained run -> its report row."""
+    def evaluate(self, e: Entry, measured: bool = False) -> Dict[str, Any]:
+        """Stages 2-4 of one trained run -> its report row (``measured``: read what is on disk, compute nothing;
+        :meth:`unmeasured` has said it can)."""
         from ..utils.common import resolve_device
         victim: Optional[pipeline.Victim] = None
 
@@ -270,7 +279,7 @@ class Benchmark:
         if self.cached(e):
             self.log(f"{e.label}: attack results cached in {cache}")
             att = _read_json(cache / "results.json")
-        elif self.measured_only:   # what was measured (unmeasured() kept only such rows), the missing attacks named
+        elif self.measured_only or measured:   # what was measured (unmeasured() said so), the missing attacks named
             old_dir, old, missing = self._earlier[e.key]
             self.log(f"{e.label}: --measured: the attack results of {old_dir.name}; not run: {', '.join(missing)}")
             return dict(self.row(e, ver, dict(old, not_run=list(missing))), attack_cache=str(old_dir))
@@ -298,7 +307,9 @@ class Benchmark:
                  + ", ".join(f"{e.key}: {e.status}" for e in self.entries))
         for e in order:
             pipeline.train(e, self.progress, self.log, self.timings, self.args.busy_seconds, self.poll_seconds)
-        rows = [self.evaluate(e) for e in self.entries]
+        rows = [self.evaluate(e) for e in self.entries] + self.rest_rows()
+        pos = {d["key"]: i for i, d in enumerate(self.b["defenses"])}
+        rows.sort(key=lambda r: pos.get(r["key"], len(pos)))
         payload = {
             "benchmark": {"budget": self.b["budget"], "config_file": self.b["path"], "seed": self.seed,
                           "command": self.command(), "started": started,
@@ -312,6 +323,21 @@ class Benchmark:
         }
         self.write(payload)
         return payload
+
+    def rest_rows(self) -> List[Dict[str, Any]]:
+        """The measured rows of the defenses that ``--only`` left out (read from disk, as ``--measured`` reads
+        them); the unmeasured ones are named in the report. Rows come back in the config's order."""
+        rows = []
+        for e in self.rest:
+            why = self.unmeasured(e)
+            if why:
+                self.not_measured.append({"key": e.key, "label": e.label, "why": why})
+            else:
+                rows.append(self.evaluate(e, measured=True))
+        if self.rest:
+            self.log(f"--only: the report keeps {len(rows)} measured row(s) of the other defenses "
+                     f"({len(self.rest) - len(rows)} not measured)")
+        return rows
 
     def row(self, e: Entry, ver: Dict[str, Any], att: Dict[str, Any]) -> Dict[str, Any]:
         r = e.results or {}
