@@ -18,13 +18,15 @@ public faces (the attacker may own the pool).
 Writes ``<out>.json`` (after every candidate; a rerun skips candidates already there with the same settings),
 ``<out>.md``, the full grids of every attack under ``--grids`` and, for the strongest attack of each candidate, a
 small ``<out>/<candidate>_<attack>.png`` (original | masked view | reconstruction).
-``--candidates`` takes ``label=name:key=value;key=value`` items separated by ``,``.
+``--candidates`` takes ``label=name:key=value;key=value`` items separated by ``,`` (values are YAML; a list keeps its
+commas: ``ladder=adaptive:policy_path=P;drop=low15;subset_by_k=[null,90,60]``).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -70,7 +72,8 @@ ATTACK_TEXT = {
 def parse_candidates(spec: str) -> List[Tuple[str, str, Dict[str, Any]]]:
     import yaml
     out = []
-    for item in filter(None, (s.strip() for s in spec.split(","))):
+    # candidates are separated by commas outside brackets (a value may be a YAML list: subset_by_k=[null,90,60])
+    for item in filter(None, (s.strip() for s in re.split(r",(?![^\[]*\])", spec))):
         label, eq, rest = item.partition("=")
         if not eq or not label:
             raise ValueError(f"a candidate is label=name:key=value;..., got {item!r}")

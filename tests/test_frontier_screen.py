@@ -55,3 +55,10 @@ def test_pool_only_writes_the_same_bytes_twice(tmp_path, faces_root):
         shas.append(fp)
     assert shas[0] == shas[1]
     assert torch.equal(read_pool(tmp_path / "one" / "pool.pt")[0], read_pool(tmp_path / "two" / "pool.pt")[0])
+
+
+def test_candidates_split_on_commas_outside_lists():
+    parse = _screen().parse_candidates
+    got = parse("low15=ppfrfd:drop=low15,ladder=adaptive:drop=low15;subset_by_k=[null,90,60];u=8")
+    assert got == [("low15", "ppfrfd", {"drop": "low15"}),
+                   ("ladder", "adaptive", {"drop": "low15", "subset_by_k": [None, 90, 60], "u": 8})]
