@@ -167,3 +167,14 @@ def test_policy_card_names_the_ladder():
     assert "masking ladder" in card and "all, 90, 60" in card and "each at the level the policy chose" in card
     plain = policy_card({"run": "r", "defense": {"name": "adaptive"}, "config": {}}, StrategyNet(hidden=8, seed=0))
     assert "masking ladder" not in plain and "k=1 masked queries" in plain
+
+
+def test_a_published_ladder_policy_rebuilds_its_ladder(tmp_path):
+    from hybridmask.defenses import load_defense, save_policy
+    d = ladder(seed=3, level=2)
+    path = tmp_path / "policy.pt"
+    save_policy(path, d.policy, masking=d.config)
+    again = load_defense(str(path))
+    assert again.subset_by_k == tuple(LEVELS) and again.policy.k_values == tuple(K)
+    again.greedy = True
+    assert kept_channels(again, again.query(faces(3))).tolist() == [60] * 3

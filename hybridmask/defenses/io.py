@@ -427,8 +427,9 @@ def _adaptive_masking(blob: Mapping[str, Any], path: PathLike) -> Dict[str, Any]
     masking = blob.get("masking") or {}
     if not isinstance(masking, Mapping):
         raise ValueError(f"{path}: 'masking' must be a dict of HybridMask arguments")
-    from ..freq.hybrid import CONFIG_KEYS   # the adaptive defense takes them all but k (its policy's) and alpha
-    keep = (set(CONFIG_KEYS) | {"pool", "pool_sha256"}) - {"k", "alpha", "anchor_largest"}
+    from ..freq.hybrid import CONFIG_KEYS   # the adaptive defense takes them all but k (its policy's) and alpha,
+    # and the masking ladder its policy's levels were trained for (subset_by_k)
+    keep = (set(CONFIG_KEYS) | {"pool", "pool_sha256", "subset_by_k"}) - {"k", "alpha", "anchor_largest"}
     return {k: v for k, v in masking.items() if k in keep}
 
 
