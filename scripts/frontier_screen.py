@@ -283,8 +283,12 @@ def main(argv=None) -> int:
             if why:
                 declined[a] = why
                 continue
+            extra = {}
+            if reg == "demix" and defense.structure().k is None:   # a policy chooses k per face: demix assumes the
+                ks = defense.structure().k_values                   # mean of its k values (the benchmark: the training mean)
+                extra = {"k": max(1, round(sum(ks) / len(ks)))}
             attacks[a] = create_attack(reg, seed=args.seed + 1000 * (i + 1), progress=not args.quiet,
-                                       **{**params[reg], **own})
+                                       **{**params[reg], **own, **extra})
         print(f"[{label}] attacks: {', '.join(attacks) or 'none'}"
               + (f"; declined: {', '.join(declined)}" if declined else ""), flush=True)
         linkers = {a: attacks.pop(a) for a in list(attacks) if attacks[a].kind == "linkage"}
