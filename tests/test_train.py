@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from hybridmask.cli import main as cli_main
-from hybridmask.defenses import AdaptiveMask, create_defense, load_policy, save_policy
+from hybridmask.defenses import AdaptiveMask, create_defense, load_defense, load_policy, save_policy
 from hybridmask.models import create_head, create_model
 from hybridmask.policy import FixedKPolicy, LagrangianReward, Reinforce, StrategyNet
 from hybridmask.train import (AlternatingTrainer, Checkpoint, DefenseOptim, Logging, PolicySetup, ResumableBatchSampler,
@@ -577,8 +577,10 @@ def test_shipped_policies_load_and_match_their_cards_and_index():
         card = (pol_dir / f"{f.stem}.md").read_text()
         assert _h.sha256(f.read_bytes()).hexdigest()[:16] in card, f
         assert f"[`{f.stem}.pt`]({f.stem}.pt)" in index, f
-        assert meta["extra"]["k_hist"] and set(policy.k_values) <= {2, 3, 4, 5, 6}
+        assert meta["extra"]["k_hist"] and set(policy.k_values) <= {1, 2, 3, 4, 5, 6}   # 1: a ladder's level
         d = create_defense("adaptive", policy_path=str(f), seed=0)
+        ladder = (meta["masking"] or {}).get("subset_by_k")
+        assert (load_defense(str(f)).subset_by_k == (tuple(ladder) if ladder else None)), f   # the masking it trained for
         released, record = d.release(x[:8])
         assert released.shape[0] == 8 and torch.isfinite(released).all()
         assert set(torch.as_tensor(record.k).tolist()) <= set(policy.k_values)

@@ -68,14 +68,7 @@ class Benchmark:
         self.not_measured: List[Dict[str, str]] = []
         self._earlier: Dict[str, Any] = {}
         if self.measured_only:
-            kept = []
-            for e in self.entries:
-                why = self.unmeasured(e)
-                if why:
-                    self.not_measured.append({"key": e.key, "label": e.label, "why": why})
-                else:
-                    kept.append(e)
-            self.entries = kept
+            self.entries = self.measured(self.entries)
             if not self.entries:
                 raise ValueError(f"--measured: no selected defense is measured at the {bench['budget']} budget (a "
                                  f"finished run in {self.runs_dir}, verified and attacked); drop --measured to "
@@ -84,6 +77,18 @@ class Benchmark:
     @property
     def measured_only(self) -> bool:
         return bool(getattr(self.args, "measured", False))
+
+    def measured(self, entries: List[Entry]) -> List[Entry]:
+        """The entries that can be reported without computing anything; the others go to ``not_measured``
+        with the reason."""
+        kept = []
+        for e in entries:
+            why = self.unmeasured(e)
+            if why:
+                self.not_measured.append({"key": e.key, "label": e.label, "why": why})
+            else:
+                kept.append(e)
+        return kept
 
     def unmeasured(self, e: Entry) -> Optional[str]:
         """Why ``e`` cannot be reported without computing anything (None: it can): its run has not finished, its
@@ -327,13 +332,7 @@ class Benchmark:
     def rest_rows(self) -> List[Dict[str, Any]]:
         """The measured rows of the defenses that ``--only`` left out (read from disk, as ``--measured`` reads
         them); the unmeasured ones are named in the report. Rows come back in the config's order."""
-        rows = []
-        for e in self.rest:
-            why = self.unmeasured(e)
-            if why:
-                self.not_measured.append({"key": e.key, "label": e.label, "why": why})
-            else:
-                rows.append(self.evaluate(e, measured=True))
+        rows = [self.evaluate(e, measured=True) for e in self.measured(self.rest)]
         if self.rest:
             self.log(f"--only: the report keeps {len(rows)} measured row(s) of the other defenses "
                      f"({len(self.rest) - len(rows)} not measured)")
