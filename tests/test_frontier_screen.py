@@ -62,3 +62,19 @@ def test_candidates_split_on_commas_outside_lists():
     got = parse("low15=ppfrfd:drop=low15,ladder=adaptive:drop=low15;subset_by_k=[null,90,60];u=8")
     assert got == [("low15", "ppfrfd", {"drop": "low15"}),
                    ("ladder", "adaptive", {"drop": "low15", "subset_by_k": [None, 90, 60], "u": 8})]
+
+
+def test_perface_attackability_reads_per_victim_scores(tmp_path):
+    import importlib.util
+    import json
+    spec = importlib.util.spec_from_file_location("_perface", REPO / "scripts" / "perface_attackability.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    d = tmp_path / "low15-abc"
+    d.mkdir()
+    (d / "results.json").write_text(json.dumps({"attacks": {"demix": {"per_image": {
+        "rank": [1, 3, 1, 2], "identity_similarity": [0.9, 0.2, 0.8, 0.3]}}}}))
+    hit, sim = mod.per_victim(str(tmp_path), "low15", "demix")
+    assert hit.tolist() == [True, False, True, False] and sim.tolist() == [0.9, 0.2, 0.8, 0.3]
+    assert mod.per_victim(str(tmp_path), "low15", "cgan") is None and mod.per_victim(str(tmp_path), "x", "demix") is None
+    assert abs(mod.corr(sim, sim) - 1.0) < 1e-12 and mod.corr(sim, sim * 0 + 1) != mod.corr(sim, sim * 0 + 1)   # nan
