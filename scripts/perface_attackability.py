@@ -8,6 +8,8 @@ same victims, and prints:
 * per masking and attack: rank-1, how many of its hits are also hits of the reference masking, and the
   correlation of the per-victim identity similarity with the reference's (high = the same faces fall whatever
   the masking);
+* for each ``--policies`` file: the mean and the per-face standard deviation of its action probabilities on the
+  victims (a policy that adapts to the face has a spread well above 0);
 * the correlation of each of the policy's context features (``hybridmask.policy.context_features``, read from
   the victims' full-channel masking) with the reference's per-victim identity similarity (high = the policy
   could learn which faces need more masking).
@@ -65,6 +67,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="the benchmark's seed (which victims)")
     p.add_argument("--drop", default="low15", help="the channel drop of the masking the context is read from")
     p.add_argument("--u", type=int, default=8)
+    p.add_argument("--policies", default="policies/celeba_adaptive_ladder_student.pt,"
+                                         "policies/celeba_adaptive_low15_attacker_student.pt,policies/celeba_freq_adaptive.pt",
+                   help="comma-separated policy files whose per-face spread is printed")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     rk, ra = args.reference.split(":")
@@ -91,6 +96,15 @@ def main(argv=None) -> int:
     hm = HybridMask(u=args.u, drop=args.drop, seed=0)
     with torch.no_grad():
         ctx = context_features(hm.encode(data.victims), 0.0, 1.0).numpy()
+    from hybridmask.defenses import load_defense
+    print("\n| policy | k values | mean probability per k | per-face std per k |")
+    print("|---|---|---|---|")
+    for f in [x.strip() for x in args.policies.split(",") if x.strip()]:
+        d = load_defense(f, seed=0)
+        with torch.no_grad():
+            pr = d.policy.probs(d.context(d.mask.front(data.victims, d.mask.face_draw(len(data.victims)))))
+        print(f"| {Path(f).name} | {list(d.policy.k_values)} | {' / '.join(f'{v:.3f}' for v in pr.mean(0).tolist())} | "
+              f"{' / '.join(f'{v:.4f}' for v in pr.std(0).tolist())} |")
     print("\n| context feature | corr. with the reference's identity similarity |")
     print("|---|---|")
     for j in range(ctx.shape[1]):
