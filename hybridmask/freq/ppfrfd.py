@@ -267,9 +267,7 @@ class PPFRFD(nn.Module):
         return torch.rand(batch, c, generator=self.generator).argsort(dim=1)
 
     def _random_subsets(self, n: int) -> torch.Tensor:
-        c = len(self.kept)
-        idx = torch.rand(n, c, generator=self.generator).argsort(dim=1)[:, : self.subset]
-        return torch.zeros(n, c, dtype=torch.bool).scatter_(1, idx, True)
+        return self.sized_subsets(torch.full((n,), self.subset, dtype=torch.long))
 
     def sized_subsets(self, sizes: torch.Tensor) -> torch.Tensor:
         """Fresh secret (B, C_kept) bool masks with ``sizes[b]`` kept channels in row b (``sizes``: (B,) ints in
