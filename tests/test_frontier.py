@@ -303,6 +303,13 @@ def test_tiny_sweep_end_to_end_and_a_second_invocation_reuses_everything(small_f
     assert {q: q.stat().st_mtime_ns for q in runs.glob("*/*") if q.is_file()} == before
     again = json.loads((out / "frontier" / F.JSON_FILE).read_text())["points"]
     assert [(q["key"], q["lfw"], q["rank1"]) for q in again] == [(q["key"], q["lfw"], q["rank1"]) for q in payload["points"]]
+    # --only one point: the page keeps the other measured point (read, not recomputed), the alias plotted once
+    assert cli_main(argv + ["--only", "p-drop_low5"]) == 0
+    text = capsys.readouterr().out
+    assert "the report keeps 1 measured row(s) of the other defenses" in text and ": training " not in text
+    kept = json.loads((out / "frontier" / F.JSON_FILE).read_text())["points"]
+    assert sorted(q["key"] for q in kept) == ["p-drop_low5", "ppfrfd"]
+    assert {q: q.stat().st_mtime_ns for q in runs.glob("*/*") if q.is_file()} == before
 
 
 def test_target_assessment_is_computed_from_the_points(tmp_path):
