@@ -346,22 +346,19 @@ class Frontier(Benchmark):
         # its defaults spelled out) is the same configuration: one run, plotted once under the first entry
         self.aliases: Dict[str, str] = {}
         first: Dict[str, Any] = {}
-        kept = []
-        for e in self.entries:
-            ident = same_training(e)
-            if ident in first:
-                self.aliases[e.label] = first[ident].label
-            else:
-                first[ident] = e
-                kept.append(e)
-        self.entries = kept
-        rest = []
-        for e in self.rest:        # --only: the other points of the page, once each
-            ident = same_training(e)
-            if ident not in first:
-                first[ident] = e
-                rest.append(e)
-        self.rest = rest
+
+        def once(entries, record: bool):
+            kept = []
+            for e in entries:
+                ident = same_training(e)
+                if ident not in first:
+                    first[ident] = e
+                    kept.append(e)
+                elif record:
+                    self.aliases[e.label] = first[ident].label
+            return kept
+        self.entries = once(self.entries, True)
+        self.rest = once(self.rest, False)     # --only: the other points of the page, once each
 
     def print_plan(self) -> None:
         buf = io.StringIO()

@@ -51,18 +51,14 @@ class Benchmark:
         bad = [k for k in only if k not in keys]
         if bad:
             raise ValueError(f"--only: unknown defense key(s) {bad}; the benchmark has {', '.join(keys)}")
-        self.entries = [resolve_entry(d, bench, self.seed, args.data, list(args.override or []))
-                        for d in bench["defenses"] if not only or d["key"] in only]
-        for e in self.entries:
+        # with --only, the other defenses too (not under --measured): their measured rows stay in the report (read,
+        # never computed), so a run of one defense updates its row instead of writing a report of that row alone
+        resolved = [resolve_entry(d, bench, self.seed, args.data, list(args.override or []))
+                    for d in bench["defenses"] if not only or d["key"] in only or not self.measured_only]
+        for e in resolved:
             place_run(e, args.busy_seconds)
-        #: with --only, the other defenses: their measured rows stay in the report (read, never computed), so a run
-        #: of one defense updates its row instead of writing a report of that row alone
-        self.rest: List[Entry] = []
-        if only and not self.measured_only:
-            self.rest = [resolve_entry(d, bench, self.seed, args.data, list(args.override or []))
-                         for d in bench["defenses"] if d["key"] not in only]
-            for e in self.rest:
-                place_run(e, args.busy_seconds)
+        self.entries = [e for e in resolved if not only or e.key in only]
+        self.rest: List[Entry] = [e for e in resolved if only and e.key not in only]
         #: --measured: the defenses left out because they are not measured yet (nothing is computed), and the
         #: earlier attack results that the kept ones are reported with (entry key -> reusable())
         self.not_measured: List[Dict[str, str]] = []
